@@ -13,11 +13,14 @@ References: Mnih et al. 2016, "Asynchronous Methods for Deep Reinforcement Learn
 (Algorithm S3); Recht et al. 2011, "Hogwild!", arXiv:1106.5730.
 """
 import argparse
+import csv
+import difflib
 import math
 import os
 import queue
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from collections import deque
@@ -32,43 +35,78 @@ import torch.nn as nn
 
 # --- 1. Command line -------------------------------------------------------------------------------
 
+class UsageError(Exception):
+    """Bad input: reported in one line, with exit code 2, before any process is started."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def number(kind, low=-math.inf, high=math.inf, low_open=True):
+    """An argparse type: a finite int or float in (low, high] (or [low, high] with low_open=False)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+        if (value <= low if low_open else value < low) or value > high:
+            rule = f"in {'(' if low_open else '['}{low:g}, {high:g}]" if high < math.inf else \
+                f"{'>' if low_open else '>='} {low:g}"
+            raise argparse.ArgumentTypeError(f"{text} must be {rule}")
+        return value
+    return parse
+
+
 def parse_args(argv=None):
     """Parse the command line; tests call parse_args([...]) with their own flags."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--workers", type=int, default=4, help="worker processes")
+    positive_int, positive, non_negative = number(int, 0), number(float, 0), number(float, 0, low_open=False)
+    p = OneLineParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--workers", type=positive_int, default=4, help="worker processes")
     p.add_argument("--mode", choices=["gradient", "data"], default="gradient",
                    help="gradient: Hogwild workers; data: workers act, one learner trains")
-    p.add_argument("--env", type=str, default="CartPole-v1", help="Gymnasium id (vector obs, discrete actions)")
-    p.add_argument("--seed", type=int, default=0, help="worker i uses seed + i")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--gamma", type=float, default=0.99, help="discount factor, in (0, 1]")
-    p.add_argument("--n-steps", type=int, default=20, help="longest rollout between two updates")
-    p.add_argument("--entropy-coef", type=float, default=0.01, help="weight of the entropy bonus")
-    p.add_argument("--value-coef", type=float, default=0.5, help="weight of the value loss")
-    p.add_argument("--max-grad-norm", type=float, default=0.5, help="clip each update's gradient norm")
-    p.add_argument("--hidden", type=int, default=64, help="width of the two hidden layers")
-    p.add_argument("--batch-rollouts", type=int, default=None,
+    p.add_argument("--env", type=str, default=None,
+                   help="Gymnasium id, vector obs and discrete actions (default: CartPole-v1, or the checkpoint's)")
+    p.add_argument("--seed", type=number(int), default=0, help="worker i uses seed + i")
+    p.add_argument("--lr", type=positive, default=2e-3, help="Adam learning rate")
+    p.add_argument("--gamma", type=number(float, 0, 1), default=0.99, help="discount factor, in (0, 1]")
+    p.add_argument("--n-steps", type=positive_int, default=20, help="longest rollout between two updates")
+    p.add_argument("--entropy-coef", type=non_negative, default=0.01, help="weight of the entropy bonus")
+    p.add_argument("--value-coef", type=non_negative, default=0.5, help="weight of the value loss")
+    p.add_argument("--max-grad-norm", type=positive, default=5.0, help="clip each update's gradient norm")
+    p.add_argument("--hidden", type=positive_int, default=None,
+                   help="width of the two hidden layers (default: 64, or the checkpoint's)")
+    p.add_argument("--batch-rollouts", type=positive_int, default=None,
                    help="data mode: rollouts per learner update (default: one per worker)")
-    p.add_argument("--max-episodes", type=int, default=None, help="stop after this many episodes")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many env steps")
-    p.add_argument("--target-return", type=float, default=None,
+    p.add_argument("--max-episodes", type=positive_int, default=None, help="stop after this many episodes")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many env steps")
+    p.add_argument("--target-return", type=number(float), default=None,
                    help="stop when the mean return of the last 100 episodes reaches it "
                         "(default: the env's reward_threshold)")
-    p.add_argument("--log-interval", type=float, default=2.0, help="seconds between progress lines")
-    p.add_argument("--save", type=str, default="a3c_model.pth", help="where to save the model at the end")
+    p.add_argument("--log-interval", type=positive, default=2.0, help="seconds between progress lines")
+    p.add_argument("--log-csv", type=str, default=None, help="write one row per finished episode to this CSV")
+    p.add_argument("--save", type=str, default="a3c_model.pth", help="checkpoint written during and after training")
+    p.add_argument("--save-every", type=positive, default=60.0, help="seconds between checkpoints")
+    p.add_argument("--resume", type=str, default=None, metavar="PATH", help="continue training from a checkpoint")
+    p.add_argument("--eval", type=str, default=None, metavar="PATH",
+                   help="play --episodes greedy episodes with a checkpoint's policy instead of training")
+    p.add_argument("--episodes", type=positive_int, default=10, help="episodes to play with --eval")
+    p.add_argument("--render", action="store_true", help="with --eval: show the env in a window")
     return p.parse_args(argv)
 
 
 # --- 2. Environment --------------------------------------------------------------------------------
 
-def make_env(env_id, seed=None):
+def make_env(env_id, seed=None, render_mode=None):
     """Build a Gymnasium env (5-tuple step) that reports each episode's true undiscounted return.
 
     The TimeLimit wrapper stays on: it is what tells a time-limit truncation from a real termination.
     RecordEpisodeStatistics puts the episode's return and length in info["episode"] when it ends.
     """
-    env = gym.wrappers.RecordEpisodeStatistics(gym.make(env_id))
+    env = gym.wrappers.RecordEpisodeStatistics(gym.make(env_id, render_mode=render_mode))
     obs_space, action_space = env.observation_space, env.action_space
     if not (isinstance(obs_space, gym.spaces.Box) and len(obs_space.shape) == 1):
         env.close()
@@ -88,20 +126,20 @@ class ActorCritic(nn.Module):
 
     def __init__(self, obs_size, n_actions, hidden=64):
         super().__init__()
-        self.torso = nn.Sequential(nn.Linear(obs_size, hidden), nn.Tanh(),
-                                   nn.Linear(hidden, hidden), nn.Tanh())
+        self.hidden1 = nn.Linear(obs_size, hidden)
+        self.hidden2 = nn.Linear(hidden, hidden)
         self.policy = nn.Linear(hidden, n_actions)
         self.value = nn.Linear(hidden, 1)
         # Orthogonal init; a tiny policy head starts the policy near uniform (maximal exploration),
         # a unit-scale value head lets V(s) reach the scale of the returns quickly.
-        for layer, gain in [(self.torso[0], math.sqrt(2)), (self.torso[2], math.sqrt(2)),
+        for layer, gain in [(self.hidden1, math.sqrt(2)), (self.hidden2, math.sqrt(2)),
                             (self.policy, 0.01), (self.value, 1.0)]:
             nn.init.orthogonal_(layer.weight, gain)
             nn.init.zeros_(layer.bias)
 
     def forward(self, obs):
         """obs [B, obs_size] float32 -> (logits [B, n_actions], value [B])."""
-        h = self.torso(obs)
+        h = torch.tanh(self.hidden2(torch.tanh(self.hidden1(obs))))
         return self.policy(h), self.value(h).squeeze(-1)
 
 
@@ -195,10 +233,11 @@ class Rollout(NamedTuple):
     terminated: bool        # the MDP ended: R_T = 0
     truncated: bool         # a time limit cut the episode: R_T = V(s_T), like a rollout cut by n_steps
     episode: tuple          # (return, length) of the episode that ended in this rollout, else None
-    version: int            # data mode: the policy version that chose the actions
+    version: int = 0        # data mode: the policy version that chose the actions
+    rank: int = 0           # the worker that collected it
 
 
-def collect_rollout(env, model, obs, n_steps, rng, version=0):
+def collect_rollout(env, model, obs, n_steps, rng, version=0, rank=0):
     """Act for up to n_steps, stopping early at the end of an episode.
 
     Returns (rollout, next_obs). A rollout never spans two episodes, so only its last step can need a
@@ -219,30 +258,43 @@ def collect_rollout(env, model, obs, n_steps, rng, version=0):
             episode = (float(info["episode"]["r"]), int(info["episode"]["l"]))
             break
     T = t + 1
-    rollout = Rollout(obs_buf[:T], actions[:T], rewards[:T], obs, terminated, truncated, episode, version)
+    rollout = Rollout(obs_buf[:T], actions[:T], rewards[:T], obs, terminated, truncated, episode, version, rank)
     if episode is not None:
         obs = np.asarray(env.reset()[0], dtype=np.float32)
     return rollout, obs
 
 
-def rollout_loss(model, rollouts, gamma, value_coef, entropy_coef):
-    """The A3C loss of one or more rollouts under the model's current parameters.
+def assemble_batch(model, rollouts):
+    """Evaluate one or more rollouts under the model's current parameters, in one forward pass.
 
-    One forward pass covers every state s_0..s_T of every rollout; V(s_T) serves as the bootstrap
-    value (without gradient) unless the episode terminated.
+    Returns (logits [N, A], values [N], actions [N], bootstrap_values) with N = sum of the rollouts'
+    lengths, and for each rollout the value R_T its returns start from: 0 if the episode terminated,
+    else V(s_T) of its final observation (a time-limit truncation or a cut by n_steps), without gradient.
     """
     obs = torch.from_numpy(np.concatenate([np.vstack([r.obs, r.final_obs]) for r in rollouts]))
-    logits, values = model(obs)  # [sum(T+1), A], [sum(T+1)]
-    keep, returns, start = [], [], 0
+    logits, values = model(obs)  # [sum(T+1), A], [sum(T+1)]: states s_0 .. s_T of every rollout
+    keep, bootstrap_values, start = [], [], 0
     for r in rollouts:
         T = len(r.rewards)
-        bootstrap = 0.0 if r.terminated else values[start + T].item()
-        returns.append(n_step_returns(r.rewards, bootstrap, gamma))
+        bootstrap_values.append(0.0 if r.terminated else values[start + T].item())
         keep.extend(range(start, start + T))
         start += T + 1
     keep = torch.tensor(keep)
     actions = torch.from_numpy(np.concatenate([r.actions for r in rollouts]))
-    return a3c_loss(logits[keep], values[keep], actions, torch.cat(returns), value_coef, entropy_coef)
+    return logits[keep], values[keep], actions, bootstrap_values
+
+
+def rollout_loss(model, rollouts, gamma, value_coef, entropy_coef):
+    """The A3C loss of a batch of rollouts: the single piece of maths both modes train with."""
+    logits, values, actions, bootstrap_values = assemble_batch(model, rollouts)
+    returns = torch.cat([n_step_returns(r.rewards, b, gamma) for r, b in zip(rollouts, bootstrap_values)])
+    return a3c_loss(logits, values, actions, returns, value_coef, entropy_coef)
+
+
+def check_finite(loss):
+    """Stop before a NaN or an infinity reaches the weights: nothing learns from it, and it spreads."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"the loss is {loss.item()}: training diverged (try a smaller --lr)")
 
 
 # --- 7. Workers ------------------------------------------------------------------------------------
@@ -280,7 +332,7 @@ def worker_setup(rank, args):
     rng = np.random.default_rng(seed)
     env = make_env(args.env, seed)
     obs = np.asarray(env.reset(seed=seed)[0], dtype=np.float32)
-    model = ActorCritic(env.observation_space.shape[0], env.action_space.n, args.hidden)
+    model = ActorCritic(env.observation_space.shape[0], int(env.action_space.n), args.hidden)
     return env, model, obs, rng
 
 
@@ -297,6 +349,7 @@ def gradient_worker(rank, args, shared_model, optimizer, global_step, episode_qu
             sync_model(local_model, shared_model)
             rollout, obs = collect_rollout(env, local_model, obs, args.n_steps, rng)
             loss = rollout_loss(local_model, [rollout], args.gamma, args.value_coef, args.entropy_coef)
+            check_finite(loss)
             hogwild_update(local_model, shared_model, optimizer, loss, args.max_grad_norm)
             with global_step.get_lock():
                 global_step.value += len(rollout.rewards)
@@ -316,7 +369,7 @@ def data_worker(rank, args, shared_model, policy_version, global_step, rollout_q
         while not stop_event.is_set() and parent_alive(parent_pid):
             version = policy_version.value  # read first: the weights copied next are at least this new
             sync_model(local_model, shared_model)
-            rollout, obs = collect_rollout(env, local_model, obs, args.n_steps, rng, version)
+            rollout, obs = collect_rollout(env, local_model, obs, args.n_steps, rng, version, rank)
             with global_step.get_lock():
                 global_step.value += len(rollout.rewards)
             # The queue is bounded, so a slow learner holds the workers back instead of letting
@@ -343,27 +396,79 @@ def learner_update(model, optimizer, rollouts, args):
     policy lag), and the gradient treats them as on-policy. IMPALA's V-trace is the fix for large lags.
     """
     loss = rollout_loss(model, rollouts, args.gamma, args.value_coef, args.entropy_coef)
+    check_finite(loss)
     optimizer.zero_grad()
     loss.backward()
     nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
     optimizer.step()
 
 
-# --- 9. Monitor and training loop ------------------------------------------------------------------
+# --- 9. Checkpoints ---------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = "a3c.py checkpoint v1"
+
+
+def save_checkpoint(path, model, optimizer, args, steps, episodes, recent_returns):
+    """Write everything --eval and --resume need, atomically: a crash mid-write leaves the old file whole.
+
+    Returns False, writing nothing, when a weight is not finite: the last good checkpoint then stays.
+    """
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        return False
+    checkpoint = {"format": CHECKPOINT_FORMAT, "env": args.env, "obs_size": model.hidden1.in_features,
+                  "n_actions": model.policy.out_features, "hidden": model.hidden1.out_features,
+                  "model": model.state_dict(), "optimizer": optimizer.state_dict(), "args": vars(args),
+                  "steps": steps, "episodes": episodes, "recent_returns": list(recent_returns)}
+    # the temporary file sits in the same folder, so os.replace is a rename within one file system
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".a3c-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return True
+
+
+def load_checkpoint(path):
+    """Read a checkpoint written by save_checkpoint, or raise UsageError saying what is wrong with it."""
+    if not os.path.isfile(path):
+        raise UsageError(f"checkpoint {path}: no such file")
+    try:
+        checkpoint = torch.load(path, weights_only=True)  # weights_only: loading runs no pickled code
+    except Exception as e:
+        raise UsageError(f"checkpoint {path}: not readable as an a3c.py checkpoint ({type(e).__name__})")
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise UsageError(f"checkpoint {path}: not an a3c.py checkpoint")
+    return checkpoint
+
+
+# --- 10. Monitor and training loop -----------------------------------------------------------------
 
 class Monitor:
-    """Episode statistics, progress lines and the stop criteria, the same in both modes."""
+    """Episode statistics, progress lines, the episode CSV and the stop criteria, the same in both modes."""
 
-    def __init__(self, args, target_return):
+    def __init__(self, args, target_return, steps=0, episodes=0, recent_returns=()):
         self.args, self.target_return = args, target_return
-        self.recent = deque(maxlen=100)
-        self.episodes = 0
+        self.recent = deque(recent_returns, maxlen=100)
+        self.episodes, self.start_steps = episodes, steps
         self.start = self.last_print = time.perf_counter()
         self.lags = []
+        self.csv_file = open(args.log_csv, "a", newline="") if args.log_csv else None
+        if self.csv_file is not None:
+            self.csv = csv.writer(self.csv_file)
+            if self.csv_file.tell() == 0:
+                self.csv.writerow(["wall_time", "steps", "worker", "return", "length"])
 
-    def add_episode(self, episode_return):
+    def add_episode(self, rank, episode_return, length, steps):
         self.episodes += 1
         self.recent.append(episode_return)
+        if self.csv_file is not None:
+            self.csv.writerow([f"{time.time():.3f}", steps, rank, episode_return, length])
+            self.csv_file.flush()  # a learning curve can be plotted while training runs
 
     def mean_return(self):
         return sum(self.recent) / len(self.recent) if self.recent else float("nan")
@@ -381,7 +486,7 @@ class Monitor:
             return
         self.last_print = now
         elapsed = now - self.start
-        line = (f"episodes={self.episodes} steps={steps} steps_per_second={steps / elapsed:.0f} "
+        line = (f"episodes={self.episodes} steps={steps} steps_per_second={(steps - self.start_steps) / elapsed:.0f} "
                 f"mean_return={self.mean_return():.1f} seconds={elapsed:.1f}")
         if self.lags:
             line += f" mean_lag={sum(self.lags) / len(self.lags):.2f}"
@@ -391,17 +496,37 @@ class Monitor:
     def summary(self, steps):
         elapsed = time.perf_counter() - self.start
         return {"solved": self.solved(), "episodes": self.episodes, "steps": steps, "seconds": elapsed,
-                "steps_per_second": steps / elapsed, "mean_return": self.mean_return()}
+                "steps_per_second": (steps - self.start_steps) / elapsed, "mean_return": self.mean_return()}
+
+    def close(self):
+        if self.csv_file is not None:
+            self.csv_file.close()
+
+
+class Stop(Exception):
+    """Raised in the main process to end training early, with the exit code main() returns."""
+
+    def __init__(self, message, exit_code):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def raise_stop(signum, frame):
+    name = signal.Signals(signum).name
+    raise Stop(f"stopped by {name}", 128 + signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
 
 def check_workers(processes):
     for rank, proc in enumerate(processes):
+        if proc.exitcode is not None and proc.exitcode < 0:
+            raise Stop(f"worker {rank} was killed by {signal.Signals(-proc.exitcode).name}", 1)
         if proc.exitcode not in (None, 0):
-            raise RuntimeError(f"worker {rank} died with exit code {proc.exitcode}")
+            raise Stop(f"worker {rank} failed with exit code {proc.exitcode} (its traceback is above)", 1)
 
 
 def stop_processes(processes, queues):
     """Stop every worker, whatever state the queues are in: never hang, never leave one behind."""
+    processes = [p for p in processes if p.pid is not None]  # a stop can come before all have started
     deadline = time.monotonic() + 5
     while any(p.is_alive() for p in processes) and time.monotonic() < deadline:
         for q in queues:  # a child blocked on a full queue, or flushing one, exits once it is drained
@@ -424,55 +549,67 @@ def stop_processes(processes, queues):
         q.close()
 
 
-def train(args):
-    """Train until solved or a budget runs out; returns a summary dict. The monitor runs here, in the
-    main process, and so does the learner in data mode: it is the single writer of the weights and it
-    holds the optimizer, so the weights never need to travel back from another process."""
+def train(args, checkpoint=None):
+    """Train until solved, a budget runs out or a stop; returns a summary dict with the exit code.
+
+    The monitor runs here, in the main process, and in data mode so does the learner: it is the single
+    writer of the weights and holds the optimizer, so weights and optimizer state never travel back from
+    another process, and a checkpoint is a plain save from here.
+    """
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     env = make_env(args.env)
-    obs_size, n_actions = env.observation_space.shape[0], env.action_space.n
+    obs_size, n_actions = env.observation_space.shape[0], int(env.action_space.n)
     target_return = args.target_return if args.target_return is not None else env.spec.reward_threshold
     env.close()
-    if target_return is None:
-        raise ValueError(f"{args.env} has no reward_threshold: give --target-return")
 
     shared_model = ActorCritic(obs_size, n_actions, args.hidden)
     shared_model.share_memory()
     ctx = mp.get_context("spawn")  # explicit: the same on Linux, macOS and Python 3.14
-    global_step = ctx.Value("q", 0)
-    stop_event = ctx.Event()
-    parent_pid = os.getpid()
     if args.mode == "gradient":
         optimizer = SharedAdam(shared_model.parameters(), lr=args.lr)
+    else:
+        optimizer = torch.optim.Adam(shared_model.parameters(), lr=args.lr)
+    counters = {"steps": 0, "episodes": 0, "recent_returns": []}
+    if checkpoint is not None:
+        shared_model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        counters = {key: checkpoint[key] for key in counters}
+    monitor = Monitor(args, target_return, **counters)
+    global_step = ctx.Value("q", counters["steps"])
+    stop_event = ctx.Event()
+    if args.mode == "gradient":
         messages = ctx.Queue()  # (rank, return, length) of each finished episode
         target, shared = gradient_worker, (shared_model, optimizer, global_step, messages)
     else:
-        optimizer = torch.optim.Adam(shared_model.parameters(), lr=args.lr)
         policy_version = ctx.Value("q", 0)
         messages = ctx.Queue(maxsize=2 * args.workers)  # rollouts
         target, shared = data_worker, (shared_model, policy_version, global_step, messages)
         batch_size = args.batch_rollouts or args.workers
 
-    monitor = Monitor(args, target_return)
-    processes = [ctx.Process(target=target, args=(rank, args, *shared, stop_event, parent_pid), daemon=True)
+    def save():
+        return save_checkpoint(args.save, shared_model, optimizer, args, global_step.value, monitor.episodes,
+                               monitor.recent)
+
+    processes = [ctx.Process(target=target, args=(rank, args, *shared, stop_event, os.getpid()), daemon=True)
                  for rank in range(args.workers)]
-    for proc in processes:
-        proc.start()
+    previous_handlers = {s: signal.signal(s, raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    outcome = {"exit_code": 0, "message": None}
     try:
-        batch = []
+        for proc in processes:
+            proc.start()
+        batch, last_save = [], time.monotonic()
         while not monitor.done(global_step.value):
             try:
                 message = messages.get(timeout=0.1)
             except queue.Empty:
+                message = None
                 check_workers(processes)
-                monitor.progress(global_step.value)
-                continue
-            if args.mode == "gradient":
-                monitor.add_episode(message[1])
-            else:
+            if args.mode == "gradient" and message is not None:
+                monitor.add_episode(*message, global_step.value)
+            elif message is not None:
                 if message.episode is not None:
-                    monitor.add_episode(message.episode[0])
+                    monitor.add_episode(message.rank, *message.episode, global_step.value)
                 batch.append(message)
                 if len(batch) >= batch_size:
                     learner_update(shared_model, optimizer, batch, args)
@@ -480,22 +617,115 @@ def train(args):
                     with policy_version.get_lock():
                         policy_version.value += 1
                     batch = []
+            if time.monotonic() - last_save >= args.save_every:
+                save()
+                last_save = time.monotonic()
             monitor.progress(global_step.value)
+    except Stop as stop:
+        outcome = {"exit_code": stop.exit_code, "message": str(stop)}
+    except FloatingPointError as error:
+        outcome = {"exit_code": 1, "message": str(error)}
     finally:
+        for s in previous_handlers:  # a second Ctrl-C must not cut the clean-up short
+            signal.signal(s, signal.SIG_IGN)
         stop_event.set()
         stop_processes(processes, [messages])
+        saved = save()
+        monitor.close()
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
     monitor.progress(global_step.value, force=True)
-    torch.save(shared_model.state_dict(), args.save)
-    return monitor.summary(global_step.value)
+    return {**monitor.summary(global_step.value), **outcome, "saved": saved}
+
+
+# --- 11. Evaluation --------------------------------------------------------------------------------
+
+def evaluate(args, checkpoint):
+    """Play --episodes episodes with the checkpoint's most probable action; returns a summary dict."""
+    torch.set_num_threads(1)
+    env = make_env(args.env, args.seed, render_mode="human" if args.render else None)
+    model = ActorCritic(checkpoint["obs_size"], checkpoint["n_actions"], checkpoint["hidden"])
+    model.load_state_dict(checkpoint["model"])
+    target_return = args.target_return if args.target_return is not None else env.spec.reward_threshold
+    returns, steps, start = [], 0, time.perf_counter()
+    for episode in range(args.episodes):
+        obs, _ = env.reset(seed=args.seed + episode)
+        done = False
+        while not done:
+            with torch.inference_mode():
+                logits, _ = model(torch.as_tensor(obs, dtype=torch.float32).unsqueeze(0))
+            obs, _, terminated, truncated, info = env.step(int(logits.argmax()))
+            done = terminated or truncated
+        returns.append(float(info["episode"]["r"]))
+        steps += int(info["episode"]["l"])
+        print(f"episode {episode + 1}: return={returns[-1]:.1f} length={int(info['episode']['l'])}", flush=True)
+    env.close()
+    seconds = time.perf_counter() - start
+    mean_return = sum(returns) / len(returns)
+    return {"solved": target_return is not None and mean_return >= target_return, "episodes": len(returns),
+            "steps": steps, "seconds": seconds, "steps_per_second": steps / seconds, "mean_return": mean_return,
+            "exit_code": 0, "message": None}
+
+
+# --- 12. Entry point -------------------------------------------------------------------------------
+
+def prepare(args):
+    """Check every input before a process starts; returns the checkpoint to load, if any."""
+    checkpoint = None
+    path = args.eval or args.resume
+    if args.eval and args.resume:
+        raise UsageError("--eval and --resume exclude each other")
+    if path:
+        checkpoint = load_checkpoint(path)
+        if args.env is not None and args.env != checkpoint["env"]:
+            raise UsageError(f"checkpoint {path} was made for {checkpoint['env']}, not {args.env}")
+        if args.hidden is not None and args.hidden != checkpoint["hidden"]:
+            raise UsageError(f"checkpoint {path} has --hidden {checkpoint['hidden']}, not {args.hidden}")
+        args.env, args.hidden = checkpoint["env"], checkpoint["hidden"]
+    args.env = args.env or "CartPole-v1"
+    args.hidden = args.hidden or 64
+    try:
+        env = make_env(args.env)
+    except gym.error.Error as e:
+        close = difflib.get_close_matches(args.env, gym.registry.keys(), n=3)
+        hint = f" (close matches: {', '.join(close)})" if close and "did you mean" not in str(e).lower() else ""
+        raise UsageError(f"environment {args.env!r}: {e}{hint}")
+    except ValueError as e:
+        raise UsageError(f"environment {e}; this file supports 1-D Box observations and Discrete actions")
+    shape = (env.observation_space.shape[0], int(env.action_space.n))
+    no_threshold = env.spec.reward_threshold is None
+    env.close()
+    if checkpoint is not None and shape != (checkpoint["obs_size"], checkpoint["n_actions"]):
+        raise UsageError(f"checkpoint {path} does not fit {args.env}'s observation and action sizes")
+    if no_threshold and args.target_return is None and not args.eval:
+        raise UsageError(f"{args.env} has no reward_threshold: give --target-return")
+    if not args.eval:
+        for flag, out in [("--save", args.save), ("--log-csv", args.log_csv)]:
+            folder = os.path.dirname(os.path.abspath(out)) if out else None
+            if folder and not os.access(folder, os.W_OK):
+                raise UsageError(f"{flag} {out}: cannot write in {folder}")
+    return checkpoint
 
 
 def main(argv=None):
     args = parse_args(argv)
-    summary = train(args)
+    try:
+        checkpoint = prepare(args)
+    except UsageError as e:
+        print(f"a3c.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C before training started: nothing to save
+        print("a3c.py: interrupted before training started", file=sys.stderr)
+        return 130
+    summary = evaluate(args, checkpoint) if args.eval else train(args, checkpoint)
+    if summary["message"]:
+        kept = "" if args.eval else (f"; checkpoint saved to {args.save}" if summary["saved"]
+                                     else f"; weights not finite, {args.save} keeps the last good checkpoint")
+        print(f"a3c.py: {summary['message']}{kept}", file=sys.stderr, flush=True)
     print("result: solved={} episodes={} steps={} seconds={:.1f} steps_per_second={:.0f} mean_return={:.1f}".format(
         "yes" if summary["solved"] else "no", summary["episodes"], summary["steps"], summary["seconds"],
         summary["steps_per_second"], summary["mean_return"]), flush=True)
-    return 0
+    return summary["exit_code"]
 
 
 if __name__ == "__main__":
