@@ -13,6 +13,7 @@ References: Mnih et al. 2016, "Asynchronous Methods for Deep Reinforcement Learn
 (Algorithm S3); Recht et al. 2011, "Hogwild!", arXiv:1106.5730.
 """
 import argparse
+import contextlib
 import csv
 import difflib
 import math
@@ -341,9 +342,28 @@ def parent_alive(parent_pid):
     return os.getppid() == parent_pid
 
 
+DIVERGED = 3  # a worker's exit code when its loss stopped being finite
+
+
+@contextlib.contextmanager
+def reported_exit(rank, out_queue):
+    """How a worker ends: exit code DIVERGED with one line for a non-finite loss, 1 and the traceback
+    for any other error; never blocked on messages that nobody will read any more."""
+    try:
+        yield
+    except FloatingPointError as e:
+        print(f"worker {rank}: {e}", file=sys.stderr, flush=True)
+        sys.exit(DIVERGED)
+    except Exception:
+        print(f"worker {rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    finally:
+        out_queue.cancel_join_thread()
+
+
 def gradient_worker(rank, args, shared_model, optimizer, global_step, episode_queue, stop_event, parent_pid):
     """Hogwild worker (Mnih et al. 2016, Alg. S3): act, compute the gradient, apply it to the shared model."""
-    try:
+    with reported_exit(rank, episode_queue):
         env, local_model, obs, rng = worker_setup(rank, args)
         while not stop_event.is_set() and parent_alive(parent_pid):
             sync_model(local_model, shared_model)
@@ -355,16 +375,11 @@ def gradient_worker(rank, args, shared_model, optimizer, global_step, episode_qu
                 global_step.value += len(rollout.rewards)
             if rollout.episode is not None:
                 episode_queue.put((rank, *rollout.episode))
-    except Exception:
-        print(f"worker {rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
-        raise
-    finally:
-        episode_queue.cancel_join_thread()  # never block this process's exit on unread messages
 
 
 def data_worker(rank, args, shared_model, policy_version, global_step, rollout_queue, stop_event, parent_pid):
     """Data-parallel worker: act with a fresh copy of the shared weights, send the rollout to the learner."""
-    try:
+    with reported_exit(rank, rollout_queue):
         env, local_model, obs, rng = worker_setup(rank, args)
         while not stop_event.is_set() and parent_alive(parent_pid):
             version = policy_version.value  # read first: the weights copied next are at least this new
@@ -380,11 +395,6 @@ def data_worker(rank, args, shared_model, policy_version, global_step, rollout_q
                     break
                 except queue.Full:
                     pass
-    except Exception:
-        print(f"worker {rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
-        raise
-    finally:
-        rollout_queue.cancel_join_thread()
 
 
 # --- 8. Learner (data mode) ------------------------------------------------------------------------
@@ -504,11 +514,14 @@ class Monitor:
 
 
 class Stop(Exception):
-    """Raised in the main process to end training early, with the exit code main() returns."""
+    """Raised in the main process to end training early, with the exit code main() returns.
 
-    def __init__(self, message, exit_code):
+    save=False when training diverged: the last checkpoint written before is the last good one.
+    """
+
+    def __init__(self, message, exit_code, save=True):
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code, self.save = exit_code, save
 
 
 def raise_stop(signum, frame):
@@ -518,6 +531,8 @@ def raise_stop(signum, frame):
 
 def check_workers(processes):
     for rank, proc in enumerate(processes):
+        if proc.exitcode == DIVERGED:
+            raise Stop(f"worker {rank}: training diverged", 1, save=False)
         if proc.exitcode is not None and proc.exitcode < 0:
             raise Stop(f"worker {rank} was killed by {signal.Signals(-proc.exitcode).name}", 1)
         if proc.exitcode not in (None, 0):
@@ -594,7 +609,7 @@ def train(args, checkpoint=None):
     processes = [ctx.Process(target=target, args=(rank, args, *shared, stop_event, os.getpid()), daemon=True)
                  for rank in range(args.workers)]
     previous_handlers = {s: signal.signal(s, raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    outcome = {"exit_code": 0, "message": None}
+    outcome = {"exit_code": 0, "message": None, "save": True}
     try:
         for proc in processes:
             proc.start()
@@ -622,15 +637,15 @@ def train(args, checkpoint=None):
                 last_save = time.monotonic()
             monitor.progress(global_step.value)
     except Stop as stop:
-        outcome = {"exit_code": stop.exit_code, "message": str(stop)}
-    except FloatingPointError as error:
-        outcome = {"exit_code": 1, "message": str(error)}
+        outcome = {"exit_code": stop.exit_code, "message": str(stop), "save": stop.save}
+    except FloatingPointError as error:  # the learner's loss, in data mode
+        outcome = {"exit_code": 1, "message": str(error), "save": False}
     finally:
         for s in previous_handlers:  # a second Ctrl-C must not cut the clean-up short
             signal.signal(s, signal.SIG_IGN)
         stop_event.set()
         stop_processes(processes, [messages])
-        saved = save()
+        saved = outcome["save"] and save()
         monitor.close()
         for s, handler in previous_handlers.items():
             signal.signal(s, handler)
@@ -720,7 +735,7 @@ def main(argv=None):
     summary = evaluate(args, checkpoint) if args.eval else train(args, checkpoint)
     if summary["message"]:
         kept = "" if args.eval else (f"; checkpoint saved to {args.save}" if summary["saved"]
-                                     else f"; weights not finite, {args.save} keeps the last good checkpoint")
+                                     else f"; {args.save} keeps the last good checkpoint, if any")
         print(f"a3c.py: {summary['message']}{kept}", file=sys.stderr, flush=True)
     print("result: solved={} episodes={} steps={} seconds={:.1f} steps_per_second={:.0f} mean_return={:.1f}".format(
         "yes" if summary["solved"] else "no", summary["episodes"], summary["steps"], summary["seconds"],
