@@ -74,14 +74,16 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=number(int), default=0, help="worker i uses seed + i")
     p.add_argument("--lr", type=positive, default=2e-3, help="Adam learning rate")
     p.add_argument("--gamma", type=number(float, 0, 1), default=0.99, help="discount factor, in (0, 1]")
-    p.add_argument("--n-steps", type=positive_int, default=20, help="longest rollout between two updates")
+    p.add_argument("--n-steps", type=positive_int, default=20, help="steps in each env between two updates")
+    p.add_argument("--envs-per-worker", type=positive_int, default=4,
+                   help="envs each worker steps together, choosing their actions in one forward pass")
     p.add_argument("--entropy-coef", type=non_negative, default=0.01, help="weight of the entropy bonus")
     p.add_argument("--value-coef", type=non_negative, default=0.5, help="weight of the value loss")
     p.add_argument("--max-grad-norm", type=positive, default=5.0, help="clip each update's gradient norm")
     p.add_argument("--hidden", type=positive_int, default=None,
                    help="width of the two hidden layers (default: 64, or the checkpoint's)")
     p.add_argument("--batch-rollouts", type=positive_int, default=None,
-                   help="data mode: rollouts per learner update (default: one per worker)")
+                   help="data mode: worker rollouts per learner update (default: one per worker)")
     p.add_argument("--max-episodes", type=positive_int, default=None, help="stop after this many episodes")
     p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many env steps")
     p.add_argument("--target-return", type=number(float), default=None,
@@ -144,16 +146,16 @@ class ActorCritic(nn.Module):
         return self.policy(h), self.value(h).squeeze(-1)
 
 
-def sample_action(model, obs, rng):
-    """Sample a ~ pi(.|obs) without building an autograd graph.
+def sample_actions(model, obs, rng):
+    """Sample a_k ~ pi(.|s_k) for a batch of observations [K, obs_size], without an autograd graph.
 
-    Gumbel-max trick: argmax(logits + Gumbel noise) is an exact sample from softmax(logits), and on a
-    batch of one it costs far less than torch.distributions.Categorical or torch.multinomial.
+    Gumbel-max trick: argmax(logits + Gumbel noise) is an exact sample from softmax(logits), and on
+    small batches it costs far less than torch.distributions.Categorical or torch.multinomial.
     """
     with torch.inference_mode():
-        logits, _ = model(torch.from_numpy(obs).unsqueeze(0))
-    logits = logits[0].numpy()
-    return int(np.argmax(logits + rng.gumbel(size=logits.shape)))
+        logits, _ = model(torch.from_numpy(obs))
+    logits = logits.numpy()
+    return np.argmax(logits + rng.gumbel(size=logits.shape), axis=1)  # [K]
 
 
 # --- 4. Shared optimizer ---------------------------------------------------------------------------
@@ -226,7 +228,7 @@ def a3c_loss(logits, values, actions, returns, value_coef, entropy_coef):
 # --- 6. Rollouts -----------------------------------------------------------------------------------
 
 class Rollout(NamedTuple):
-    """Up to n_steps transitions of one episode, as numpy arrays (cheap to pickle through a queue)."""
+    """Consecutive transitions of one episode in one env, as numpy arrays (cheap to pickle)."""
     obs: np.ndarray         # [T, obs_size] float32: s_0 .. s_{T-1}
     actions: np.ndarray     # [T] int64
     rewards: np.ndarray     # [T] float32
@@ -238,31 +240,39 @@ class Rollout(NamedTuple):
     rank: int = 0           # the worker that collected it
 
 
-def collect_rollout(env, model, obs, n_steps, rng, version=0, rank=0):
-    """Act for up to n_steps, stopping early at the end of an episode.
+def collect_rollouts(envs, model, obs, n_steps, rng, version=0, rank=0):
+    """Act n_steps in each of a worker's envs, choosing all their actions in one forward pass.
 
-    Returns (rollout, next_obs). A rollout never spans two episodes, so only its last step can need a
-    bootstrap. next_obs is where the next rollout starts: the reset observation after an episode ends,
-    which is never the state to bootstrap from (that is rollout.final_obs).
+    obs [K, obs_size] holds each env's current observation and is updated in place. Returns a list of
+    Rollouts, one per env and per episode piece: an episode that ends closes its env's rollout there,
+    so a rollout never spans two episodes and only its last step can need a bootstrap. The env is then
+    reset and its next rollout starts from the reset observation, which is never a bootstrap state.
     """
-    obs_buf = np.empty((n_steps, obs.shape[0]), dtype=np.float32)
-    actions = np.empty(n_steps, dtype=np.int64)
-    rewards = np.empty(n_steps, dtype=np.float32)
-    terminated = truncated = False
-    episode = None
+    obs_buf = np.empty((n_steps, *obs.shape), dtype=np.float32)  # [n_steps, K, obs_size]
+    actions = np.empty((n_steps, len(envs)), dtype=np.int64)
+    rewards = np.empty((n_steps, len(envs)), dtype=np.float32)
+    starts = [0] * len(envs)  # where each env's open rollout began
+    rollouts = []
     for t in range(n_steps):
         obs_buf[t] = obs
-        actions[t] = sample_action(model, obs, rng)
-        obs, rewards[t], terminated, truncated, info = env.step(actions[t])
-        obs = np.asarray(obs, dtype=np.float32)
-        if terminated or truncated:
-            episode = (float(info["episode"]["r"]), int(info["episode"]["l"]))
-            break
-    T = t + 1
-    rollout = Rollout(obs_buf[:T], actions[:T], rewards[:T], obs, terminated, truncated, episode, version, rank)
-    if episode is not None:
-        obs = np.asarray(env.reset()[0], dtype=np.float32)
-    return rollout, obs
+        actions[t] = sample_actions(model, obs, rng)
+        for k, env in enumerate(envs):
+            next_obs, rewards[t, k], terminated, truncated, info = env.step(actions[t, k])
+            if terminated or truncated:
+                episode = (float(info["episode"]["r"]), int(info["episode"]["l"]))
+                piece = slice(starts[k], t + 1)
+                rollouts.append(Rollout(obs_buf[piece, k], actions[piece, k], rewards[piece, k],
+                                        np.array(next_obs, dtype=np.float32), terminated, truncated, episode,
+                                        version, rank))
+                next_obs, _ = env.reset()
+                starts[k] = t + 1
+            obs[k] = next_obs
+    for k in range(len(envs)):  # rollouts cut by n_steps: bootstrap from the current observation
+        if starts[k] < n_steps:
+            piece = slice(starts[k], n_steps)
+            rollouts.append(Rollout(obs_buf[piece, k], actions[piece, k], rewards[piece, k], obs[k].copy(),
+                                    False, False, None, version, rank))
+    return rollouts
 
 
 def assemble_batch(model, rollouts):
@@ -325,16 +335,17 @@ def hogwild_update(local_model, shared_model, optimizer, loss, max_grad_norm):
 
 
 def worker_setup(rank, args):
-    """What every worker does first: one thread, seeds, its own env, its own local model."""
+    """What every worker does first: one thread, seeds, its own envs, its own local model."""
     torch.set_num_threads(1)  # two cores: a worker that spawns threads only slows the others down
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the main process decides
-    seed = args.seed + rank
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    env = make_env(args.env, seed)
-    obs = np.asarray(env.reset(seed=seed)[0], dtype=np.float32)
-    model = ActorCritic(env.observation_space.shape[0], int(env.action_space.n), args.hidden)
-    return env, model, obs, rng
+    torch.manual_seed(args.seed + rank)
+    rng = np.random.default_rng(args.seed + rank)
+    # env k of worker i starts from seed + i + k * workers: with one env per worker, worker i uses seed + i
+    seeds = [args.seed + rank + k * args.workers for k in range(args.envs_per_worker)]
+    envs = [make_env(args.env, seed) for seed in seeds]
+    obs = np.stack([np.asarray(env.reset(seed=seed)[0], dtype=np.float32) for env, seed in zip(envs, seeds)])
+    model = ActorCritic(obs.shape[1], int(envs[0].action_space.n), args.hidden)
+    return envs, model, obs, rng
 
 
 def parent_alive(parent_pid):
@@ -364,34 +375,35 @@ def reported_exit(rank, out_queue):
 def gradient_worker(rank, args, shared_model, optimizer, global_step, episode_queue, stop_event, parent_pid):
     """Hogwild worker (Mnih et al. 2016, Alg. S3): act, compute the gradient, apply it to the shared model."""
     with reported_exit(rank, episode_queue):
-        env, local_model, obs, rng = worker_setup(rank, args)
+        envs, local_model, obs, rng = worker_setup(rank, args)
         while not stop_event.is_set() and parent_alive(parent_pid):
             sync_model(local_model, shared_model)
-            rollout, obs = collect_rollout(env, local_model, obs, args.n_steps, rng)
-            loss = rollout_loss(local_model, [rollout], args.gamma, args.value_coef, args.entropy_coef)
+            rollouts = collect_rollouts(envs, local_model, obs, args.n_steps, rng, rank=rank)
+            loss = rollout_loss(local_model, rollouts, args.gamma, args.value_coef, args.entropy_coef)
             check_finite(loss)
             hogwild_update(local_model, shared_model, optimizer, loss, args.max_grad_norm)
             with global_step.get_lock():
-                global_step.value += len(rollout.rewards)
-            if rollout.episode is not None:
-                episode_queue.put((rank, *rollout.episode))
+                global_step.value += args.n_steps * len(envs)
+            episodes = [(rank, *r.episode) for r in rollouts if r.episode is not None]
+            if episodes:
+                episode_queue.put(episodes)
 
 
 def data_worker(rank, args, shared_model, policy_version, global_step, rollout_queue, stop_event, parent_pid):
-    """Data-parallel worker: act with a fresh copy of the shared weights, send the rollout to the learner."""
+    """Data-parallel worker: act with a fresh copy of the shared weights, send the rollouts to the learner."""
     with reported_exit(rank, rollout_queue):
-        env, local_model, obs, rng = worker_setup(rank, args)
+        envs, local_model, obs, rng = worker_setup(rank, args)
         while not stop_event.is_set() and parent_alive(parent_pid):
             version = policy_version.value  # read first: the weights copied next are at least this new
             sync_model(local_model, shared_model)
-            rollout, obs = collect_rollout(env, local_model, obs, args.n_steps, rng, version, rank)
+            rollouts = collect_rollouts(envs, local_model, obs, args.n_steps, rng, version, rank)
             with global_step.get_lock():
-                global_step.value += len(rollout.rewards)
+                global_step.value += args.n_steps * len(envs)
             # The queue is bounded, so a slow learner holds the workers back instead of letting
             # rollouts (and policy lag) pile up; the timeout keeps checking whether to stop.
             while not stop_event.is_set() and parent_alive(parent_pid):
                 try:
-                    rollout_queue.put(rollout, timeout=0.1)
+                    rollout_queue.put(rollouts, timeout=0.1)
                     break
                 except queue.Full:
                     pass
@@ -594,11 +606,11 @@ def train(args, checkpoint=None):
     global_step = ctx.Value("q", counters["steps"])
     stop_event = ctx.Event()
     if args.mode == "gradient":
-        messages = ctx.Queue()  # (rank, return, length) of each finished episode
+        messages = ctx.Queue()  # lists of (rank, return, length), one per finished episode
         target, shared = gradient_worker, (shared_model, optimizer, global_step, messages)
     else:
         policy_version = ctx.Value("q", 0)
-        messages = ctx.Queue(maxsize=2 * args.workers)  # rollouts
+        messages = ctx.Queue(maxsize=2 * args.workers)  # lists of rollouts, one list per worker update
         target, shared = data_worker, (shared_model, policy_version, global_step, messages)
         batch_size = args.batch_rollouts or args.workers
 
@@ -621,14 +633,17 @@ def train(args, checkpoint=None):
                 message = None
                 check_workers(processes)
             if args.mode == "gradient" and message is not None:
-                monitor.add_episode(*message, global_step.value)
+                for episode in message:
+                    monitor.add_episode(*episode, global_step.value)
             elif message is not None:
-                if message.episode is not None:
-                    monitor.add_episode(message.rank, *message.episode, global_step.value)
+                for rollout in message:
+                    if rollout.episode is not None:
+                        monitor.add_episode(rollout.rank, *rollout.episode, global_step.value)
                 batch.append(message)
                 if len(batch) >= batch_size:
-                    learner_update(shared_model, optimizer, batch, args)
-                    monitor.lags.extend(policy_version.value - r.version for r in batch)
+                    rollouts = [rollout for message in batch for rollout in message]
+                    learner_update(shared_model, optimizer, rollouts, args)
+                    monitor.lags.extend(policy_version.value - message[0].version for message in batch)
                     with policy_version.get_lock():
                         policy_version.value += 1
                     batch = []

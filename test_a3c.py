@@ -68,30 +68,50 @@ class CountingEnv(gym.Env):
         return obs, 1.0, end and not self.truncate, end and self.truncate, {}
 
 
-def run_rollout(env, n_steps):
-    env = gym.wrappers.RecordEpisodeStatistics(env)
-    obs, _ = env.reset(seed=0)
+def run_rollouts(envs, n_steps):
+    envs = [gym.wrappers.RecordEpisodeStatistics(env) for env in envs]
+    obs = np.stack([env.reset(seed=0)[0] for env in envs])
     model = a3c.ActorCritic(2, 2, hidden=8)
-    return a3c.collect_rollout(env, model, obs, n_steps, np.random.default_rng(0))
+    return a3c.collect_rollouts(envs, model, obs, n_steps, np.random.default_rng(0)), obs
 
 
 def test_rollout_truncated_keeps_final_obs_not_reset_obs():
-    rollout, next_obs = run_rollout(CountingEnv(end_at=3, truncate=True), n_steps=10)
-    assert len(rollout.rewards) == 3 and rollout.truncated and not rollout.terminated
-    np.testing.assert_array_equal(rollout.final_obs, [3.0, 0.0])  # s_T, to bootstrap from
-    np.testing.assert_array_equal(next_obs, [-1.0, 0.0])  # the reset obs, where the next rollout starts
-    np.testing.assert_array_equal(rollout.obs[:, 0], [-1.0, 1.0, 2.0])
-    assert rollout.episode == (3.0, 3)  # the true undiscounted return and length
+    (ended, cut), obs = run_rollouts([CountingEnv(end_at=3, truncate=True)], n_steps=5)
+    assert len(ended.rewards) == 3 and ended.truncated and not ended.terminated
+    np.testing.assert_array_equal(ended.final_obs, [3.0, 0.0])  # s_T, to bootstrap from
+    np.testing.assert_array_equal(ended.obs[:, 0], [-1.0, 1.0, 2.0])
+    assert ended.episode == (3.0, 3)  # the true undiscounted return and length
+    # the next piece starts from the reset observation and is cut by n_steps after 2 steps
+    np.testing.assert_array_equal(cut.obs[:, 0], [-1.0, 1.0])
+    assert not cut.terminated and not cut.truncated and cut.episode is None
+    np.testing.assert_array_equal(cut.final_obs, [2.0, 0.0])
+    np.testing.assert_array_equal(obs, [[2.0, 0.0]])  # where the next call carries on
 
 
-def test_rollout_terminated_and_cut():
-    rollout, _ = run_rollout(CountingEnv(end_at=2), n_steps=10)
-    assert rollout.terminated and not rollout.truncated and rollout.episode == (2.0, 2)
-    rollout, next_obs = run_rollout(CountingEnv(end_at=10), n_steps=4)
-    assert not rollout.terminated and not rollout.truncated and rollout.episode is None
-    np.testing.assert_array_equal(rollout.final_obs, [4.0, 0.0])
-    np.testing.assert_array_equal(next_obs, rollout.final_obs)  # cut mid-episode: carry on from s_T
-    assert rollout.obs.dtype == np.float32 and rollout.actions.dtype == np.int64 and rollout.rewards.dtype == np.float32
+def test_rollouts_of_several_envs_terminated_and_cut():
+    rollouts, _ = run_rollouts([CountingEnv(end_at=3), CountingEnv(end_at=10)], n_steps=4)
+    assert [(len(r.rewards), r.terminated, r.truncated, r.episode) for r in rollouts] == [
+        (3, True, False, (3.0, 3)),  # env 0: an episode ends at step 3 ...
+        (1, False, False, None),  # ... env 0: the next one is cut after 1 more step
+        (4, False, False, None),  # env 1: cut after 4 steps, no episode ended
+    ]
+    np.testing.assert_array_equal(rollouts[2].final_obs, [4.0, 0.0])
+    for r in rollouts:
+        assert r.obs.dtype == np.float32 and r.actions.dtype == np.int64 and r.rewards.dtype == np.float32
+        assert r.obs.shape == (len(r.rewards), 2) and r.final_obs.shape == (2,)
+
+
+def test_sample_actions_follow_the_policy():
+    """Gumbel-max sampling: frequencies match softmax(logits) (3-sigma bound on 20000 samples)."""
+    model = a3c.ActorCritic(2, 3, hidden=8)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.policy.bias.copy_(torch.tensor([0.0, 1.0, 2.0]))
+    actions = a3c.sample_actions(model, np.zeros((20000, 2), np.float32), np.random.default_rng(0))
+    expected = torch.softmax(torch.tensor([0.0, 1.0, 2.0]), 0).numpy()
+    frequencies = np.bincount(actions, minlength=3) / len(actions)
+    assert np.all(np.abs(frequencies - expected) < 3 * np.sqrt(expected * (1 - expected) / len(actions)))
 
 
 def make_rollout(first_obs, T, terminated=False, truncated=False, version=0):
@@ -285,6 +305,7 @@ def test_gradient_from_spawned_child_updates_shared_model_as_adam_would():
 
 def test_data_worker_sends_rollouts_and_stops_when_told():
     args = a3c.parse_args(["--n-steps", "7", "--hidden", "16"])
+    a3c.prepare(args)
     shared_model = a3c.ActorCritic(4, 2, 16)
     shared_model.share_memory()
     version, global_step, stop_event = SPAWN.Value("q", 3), SPAWN.Value("q", 0), SPAWN.Event()
@@ -298,13 +319,14 @@ def test_data_worker_sends_rollouts_and_stops_when_told():
         stop_event.set()
         a3c.stop_processes([worker], [rollouts])
     assert worker.exitcode == 0
-    for r in received:
+    assert all(sum(len(r.rewards) for r in message) == 7 * args.envs_per_worker for message in received)
+    for r in [r for message in received for r in message]:
         T = len(r.rewards)
         assert 1 <= T <= 7 and r.obs.shape == (T, 4) and r.actions.shape == (T,) and r.final_obs.shape == (4,)
         assert r.obs.dtype == np.float32 and r.actions.dtype == np.int64
-        assert r.version == 3 and (r.episode is None) == (not (r.terminated or r.truncated))
+        assert r.version == 3 and r.rank == 0 and (r.episode is None) == (not (r.terminated or r.truncated))
         assert set(r.actions.tolist()) <= {0, 1}
-    assert global_step.value >= sum(len(r.rewards) for r in received)
+    assert global_step.value >= 3 * 7 * args.envs_per_worker
 
 
 # --- whole runs --------------------------------------------------------------------------------------
@@ -313,10 +335,13 @@ def test_data_worker_sends_rollouts_and_stops_when_told():
 def test_short_run_stops_cleanly(mode, tmp_path):
     args = a3c.parse_args(["--workers", "2", "--mode", mode, "--max-steps", "2000", "--hidden", "16",
                            "--save", str(tmp_path / "model.pth")])
+    a3c.prepare(args)
     summary = a3c.train(args)
-    assert summary["steps"] >= 2000 and not summary["solved"]
+    assert summary["steps"] >= 2000 and not summary["solved"] and summary["exit_code"] == 0
     assert SPAWN.active_children() == [] and multiprocessing.active_children() == []
-    assert set(torch.load(tmp_path / "model.pth")) == set(a3c.ActorCritic(4, 2, 16).state_dict())
+    checkpoint = a3c.load_checkpoint(str(tmp_path / "model.pth"))
+    assert checkpoint["steps"] == summary["steps"] and checkpoint["episodes"] == summary["episodes"]
+    assert set(checkpoint["model"]) == set(a3c.ActorCritic(4, 2, 16).state_dict())
 
 
 def run_cli(*flags, timeout):
