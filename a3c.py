@@ -65,7 +65,8 @@ def number(kind, low=-math.inf, high=math.inf, low_open=True):
 def parse_args(argv=None):
     """Parse the command line; tests call parse_args([...]) with their own flags."""
     positive_int, positive, non_negative = number(int, 0), number(float, 0), number(float, 0, low_open=False)
-    p = OneLineParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(prog="a3c.py", description=__doc__.split("\n")[0],
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--workers", type=positive_int, default=4, help="worker processes")
     p.add_argument("--mode", choices=["gradient", "data"], default="gradient",
                    help="gradient: Hogwild workers; data: workers act, one learner trains")
@@ -181,6 +182,13 @@ class SharedAdam(torch.optim.Adam):
                     state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 for tensor in state.values():
                     tensor.share_memory_()
+
+    def load_state_dict(self, state_dict):
+        """Load as Adam does (which makes new state tensors), then put them back in shared memory."""
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            for tensor in state.values():
+                tensor.share_memory_()
 
     def share_memory(self):
         """The state is shared from the start; kept so code written as `SharedAdam(...).share_memory()` runs."""
@@ -372,7 +380,7 @@ def reported_exit(rank, out_queue):
         out_queue.cancel_join_thread()
 
 
-def gradient_worker(rank, args, shared_model, optimizer, global_step, episode_queue, stop_event, parent_pid):
+def gradient_worker(rank, args, shared_model, optimizer, worker_steps, episode_queue, stop_event, parent_pid):
     """Hogwild worker (Mnih et al. 2016, Alg. S3): act, compute the gradient, apply it to the shared model."""
     with reported_exit(rank, episode_queue):
         envs, local_model, obs, rng = worker_setup(rank, args)
@@ -382,14 +390,13 @@ def gradient_worker(rank, args, shared_model, optimizer, global_step, episode_qu
             loss = rollout_loss(local_model, rollouts, args.gamma, args.value_coef, args.entropy_coef)
             check_finite(loss)
             hogwild_update(local_model, shared_model, optimizer, loss, args.max_grad_norm)
-            with global_step.get_lock():
-                global_step.value += args.n_steps * len(envs)
+            worker_steps[rank] += args.n_steps * len(envs)
             episodes = [(rank, *r.episode) for r in rollouts if r.episode is not None]
             if episodes:
                 episode_queue.put(episodes)
 
 
-def data_worker(rank, args, shared_model, policy_version, global_step, rollout_queue, stop_event, parent_pid):
+def data_worker(rank, args, shared_model, policy_version, worker_steps, rollout_queue, stop_event, parent_pid):
     """Data-parallel worker: act with a fresh copy of the shared weights, send the rollouts to the learner."""
     with reported_exit(rank, rollout_queue):
         envs, local_model, obs, rng = worker_setup(rank, args)
@@ -397,8 +404,7 @@ def data_worker(rank, args, shared_model, policy_version, global_step, rollout_q
             version = policy_version.value  # read first: the weights copied next are at least this new
             sync_model(local_model, shared_model)
             rollouts = collect_rollouts(envs, local_model, obs, args.n_steps, rng, version, rank)
-            with global_step.get_lock():
-                global_step.value += args.n_steps * len(envs)
+            worker_steps[rank] += args.n_steps * len(envs)
             # The queue is bounded, so a slow learner holds the workers back instead of letting
             # rollouts (and policy lag) pile up; the timeout keeps checking whether to stop.
             while not stop_event.is_set() and parent_alive(parent_pid):
@@ -603,19 +609,25 @@ def train(args, checkpoint=None):
         optimizer.load_state_dict(checkpoint["optimizer"])
         counters = {key: checkpoint[key] for key in counters}
     monitor = Monitor(args, target_return, **counters)
-    global_step = ctx.Value("q", counters["steps"])
+    # Env steps, one slot per worker and no lock: each slot has one writer, and a worker killed while
+    # holding a lock would leave it locked for good, hanging whoever reads the counter next.
+    worker_steps = ctx.Array("q", args.workers, lock=False)
+
+    def global_step():
+        return counters["steps"] + sum(worker_steps)
+
     stop_event = ctx.Event()
     if args.mode == "gradient":
         messages = ctx.Queue()  # lists of (rank, return, length), one per finished episode
-        target, shared = gradient_worker, (shared_model, optimizer, global_step, messages)
+        target, shared = gradient_worker, (shared_model, optimizer, worker_steps, messages)
     else:
-        policy_version = ctx.Value("q", 0)
+        policy_version = ctx.Value("q", 0, lock=False)  # written by the learner alone
         messages = ctx.Queue(maxsize=2 * args.workers)  # lists of rollouts, one list per worker update
-        target, shared = data_worker, (shared_model, policy_version, global_step, messages)
+        target, shared = data_worker, (shared_model, policy_version, worker_steps, messages)
         batch_size = args.batch_rollouts or args.workers
 
     def save():
-        return save_checkpoint(args.save, shared_model, optimizer, args, global_step.value, monitor.episodes,
+        return save_checkpoint(args.save, shared_model, optimizer, args, global_step(), monitor.episodes,
                                monitor.recent)
 
     processes = [ctx.Process(target=target, args=(rank, args, *shared, stop_event, os.getpid()), daemon=True)
@@ -626,31 +638,30 @@ def train(args, checkpoint=None):
         for proc in processes:
             proc.start()
         batch, last_save = [], time.monotonic()
-        while not monitor.done(global_step.value):
+        while not monitor.done(global_step()):
+            check_workers(processes)  # every time round: messages from the others keep arriving
             try:
                 message = messages.get(timeout=0.1)
             except queue.Empty:
                 message = None
-                check_workers(processes)
             if args.mode == "gradient" and message is not None:
                 for episode in message:
-                    monitor.add_episode(*episode, global_step.value)
+                    monitor.add_episode(*episode, global_step())
             elif message is not None:
                 for rollout in message:
                     if rollout.episode is not None:
-                        monitor.add_episode(rollout.rank, *rollout.episode, global_step.value)
+                        monitor.add_episode(rollout.rank, *rollout.episode, global_step())
                 batch.append(message)
                 if len(batch) >= batch_size:
                     rollouts = [rollout for message in batch for rollout in message]
                     learner_update(shared_model, optimizer, rollouts, args)
                     monitor.lags.extend(policy_version.value - message[0].version for message in batch)
-                    with policy_version.get_lock():
-                        policy_version.value += 1
+                    policy_version.value += 1
                     batch = []
             if time.monotonic() - last_save >= args.save_every:
                 save()
                 last_save = time.monotonic()
-            monitor.progress(global_step.value)
+            monitor.progress(global_step())
     except Stop as stop:
         outcome = {"exit_code": stop.exit_code, "message": str(stop), "save": stop.save}
     except FloatingPointError as error:  # the learner's loss, in data mode
@@ -664,8 +675,8 @@ def train(args, checkpoint=None):
         monitor.close()
         for s, handler in previous_handlers.items():
             signal.signal(s, handler)
-    monitor.progress(global_step.value, force=True)
-    return {**monitor.summary(global_step.value), **outcome, "saved": saved}
+    monitor.progress(global_step(), force=True)
+    return {**monitor.summary(global_step()), **outcome, "saved": saved}
 
 
 # --- 11. Evaluation --------------------------------------------------------------------------------

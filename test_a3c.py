@@ -4,10 +4,14 @@ import multiprocessing
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import gymnasium as gym
+from gymnasium.envs.classic_control import CartPoleEnv
 import numpy as np
 import pytest
 import torch
@@ -308,10 +312,10 @@ def test_data_worker_sends_rollouts_and_stops_when_told():
     a3c.prepare(args)
     shared_model = a3c.ActorCritic(4, 2, 16)
     shared_model.share_memory()
-    version, global_step, stop_event = SPAWN.Value("q", 3), SPAWN.Value("q", 0), SPAWN.Event()
+    version, worker_steps, stop_event = SPAWN.Value("q", 3), SPAWN.Array("q", 1, lock=False), SPAWN.Event()
     rollouts = SPAWN.Queue(maxsize=4)
     worker = SPAWN.Process(target=a3c.data_worker, daemon=True,
-                           args=(0, args, shared_model, version, global_step, rollouts, stop_event, os.getpid()))
+                           args=(0, args, shared_model, version, worker_steps, rollouts, stop_event, os.getpid()))
     worker.start()
     try:
         received = [rollouts.get(timeout=60) for _ in range(3)]
@@ -326,7 +330,7 @@ def test_data_worker_sends_rollouts_and_stops_when_told():
         assert r.obs.dtype == np.float32 and r.actions.dtype == np.int64
         assert r.version == 3 and r.rank == 0 and (r.episode is None) == (not (r.terminated or r.truncated))
         assert set(r.actions.tolist()) <= {0, 1}
-    assert global_step.value >= 3 * 7 * args.envs_per_worker
+    assert worker_steps[0] >= 3 * 7 * args.envs_per_worker
 
 
 # --- whole runs --------------------------------------------------------------------------------------
@@ -366,3 +370,245 @@ def test_single_worker_learns_cartpole(mode, tmp_path):
     match = run_cli("--workers", "1", "--mode", mode, "--seed", "1", "--target-return", "195",
                     "--max-steps", "150000", "--save", str(tmp_path / "model.pth"), timeout=150)
     assert match.group(1) == "yes", match.group(0)
+
+
+# --- operating it: bad input, checkpoints, signals, crashes -----------------------------------------
+
+@pytest.mark.parametrize("flags, message", [
+    (["--workers", "0"], "--workers: 0 must be > 0"),
+    (["--lr", "fast"], "--lr: 'fast' is not a number"),
+    (["--lr", "-0.001"], "--lr: -0.001 must be > 0"),
+    (["--n-steps", "2.5"], "--n-steps: '2.5' is not an integer"),
+    (["--gamma", "1.01"], "--gamma: 1.01 must be in (0, 1]"),
+    (["--gamma", "0"], "--gamma: 0 must be in (0, 1]"),
+    (["--entropy-coef", "nan"], "--entropy-coef: nan is not a finite number"),
+    (["--max-grad-norm", "inf"], "--max-grad-norm: inf is not a finite number"),
+    (["--mode", "both"], "--mode: invalid choice"),
+])
+def test_bad_flag_is_one_line_and_exit_2(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        a3c.main(flags)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--env", "CartPol-v1"], "Did you mean: `CartPole`"),
+    (["--env", "Pendulum-v1"], "is not Discrete"),
+    (["--eval", "missing.pth"], "no such file"),
+    (["--resume", "not_a_checkpoint.pth"], "not readable as an a3c.py checkpoint"),
+    (["--save", "no/such/folder/model.pth"], "cannot write in"),
+    (["--eval", "cartpole.pth", "--env", "Acrobot-v1"], "was made for CartPole-v1, not Acrobot-v1"),
+    (["--resume", "cartpole.pth", "--hidden", "32"], "has --hidden 16, not 32"),
+])
+def test_bad_input_is_one_line_and_exit_2(flags, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "not_a_checkpoint.pth").write_bytes(b"this is not a checkpoint")
+    save_small_checkpoint(tmp_path / "cartpole.pth")
+    assert a3c.main(flags) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("a3c.py: error: ") and message in err, err
+
+
+def save_small_checkpoint(path, steps=0):
+    args = a3c.parse_args(["--hidden", "16"])
+    a3c.prepare(args)
+    model = a3c.ActorCritic(4, 2, 16)
+    assert a3c.save_checkpoint(str(path), model, torch.optim.Adam(model.parameters()), args, steps, 0, [])
+    return model
+
+
+def test_cli_bad_input_prints_no_traceback():
+    proc = subprocess.run([sys.executable, A3C, "--env", "NoSuchEnv-v0"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "NoSuchEnv" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "model.pth"
+    save_small_checkpoint(path)
+    before = path.read_bytes()
+
+    def crash_mid_write(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        save_small_checkpoint(path, steps=5)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["model.pth"]
+
+
+def test_checkpoint_refuses_non_finite_weights(tmp_path):
+    path = tmp_path / "model.pth"
+    model = save_small_checkpoint(path)
+    with torch.no_grad():
+        model.policy.weight[0, 0] = float("nan")
+    args = a3c.parse_args([])
+    assert not a3c.save_checkpoint(str(path), model, torch.optim.Adam(model.parameters()), args, 1, 1, [])
+    assert torch.isfinite(a3c.load_checkpoint(str(path))["model"]["policy.weight"]).all()
+
+
+def test_non_finite_loss_stops_the_worker():
+    with pytest.raises(FloatingPointError):
+        a3c.check_finite(torch.tensor(float("nan")))
+    a3c.check_finite(torch.tensor(1.0))
+
+
+def test_shared_adam_stays_shared_after_loading_state():
+    model, shared_adam, _, _ = adam_pair()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    shared_adam.step()
+    state = shared_adam.state_dict()
+    model2, shared_adam2, _, _ = adam_pair()
+    shared_adam2.load_state_dict(state)
+    for p in model2.parameters():
+        assert shared_adam2.state[p]["step"].item() == 1
+        assert all(tensor.is_shared() for tensor in shared_adam2.state[p].values())
+
+
+def test_resume_then_eval_round_trip(tmp_path, capsys):
+    path = str(tmp_path / "model.pth")
+    common = ["--workers", "1", "--hidden", "16", "--save", path]
+    assert a3c.main([*common, "--max-steps", "3000"]) == 0
+    first = a3c.load_checkpoint(path)
+    assert a3c.main(["--resume", path, "--workers", "1", "--max-steps", "6000", "--save", path, "--mode", "data"]) == 0
+    second = a3c.load_checkpoint(path)
+    assert first["steps"] >= 3000 and second["steps"] >= 6000 and second["episodes"] > first["episodes"]
+    assert second["hidden"] == 16 and second["env"] == "CartPole-v1"
+    capsys.readouterr()
+    assert a3c.main(["--eval", path, "--episodes", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len([line for line in out if line.startswith("episode ")]) == 3
+    assert re.fullmatch(r"result: solved=no episodes=3 steps=\d+ seconds=[\d.]+ steps_per_second=\d+ "
+                        r"mean_return=[\d.]+", out[-1]), out[-1]
+
+
+def test_episode_csv_has_one_row_per_episode(tmp_path):
+    csv_path = tmp_path / "episodes.csv"
+    args = a3c.parse_args(["--workers", "1", "--max-episodes", "20", "--hidden", "16", "--log-csv", str(csv_path),
+                           "--save", str(tmp_path / "model.pth")])
+    a3c.prepare(args)
+    summary = a3c.train(args)
+    rows = csv_path.read_text().splitlines()
+    assert rows[0] == "wall_time,steps,worker,return,length"
+    assert len(rows) - 1 == summary["episodes"] >= 20
+    returns = [float(row.split(",")[3]) for row in rows[1:]]
+    lengths = [int(row.split(",")[4]) for row in rows[1:]]
+    assert returns == lengths  # CartPole pays 1 per step: the true undiscounted return is the length
+
+
+A3C = os.path.join(HERE, "a3c.py")
+
+
+def group_is_empty(pgid, seconds):
+    """True once no process of the group is left, polling for up to `seconds`."""
+    for _ in range(int(seconds * 10)):
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def worker_pids(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        children = [int(child) for child in f.read().split()]
+    return [child for child in children if "multiprocessing.spawn" in open(f"/proc/{child}/cmdline").read()]
+
+
+@pytest.fixture
+def training(tmp_path):
+    """Start a3c.py in a session of its own, as a terminal would, and wait until its workers step."""
+    started = []
+
+    def start(*flags):
+        proc = subprocess.Popen([sys.executable, A3C, "--workers", "2", "--hidden", "16", "--target-return", "1e9",
+                                 "--log-interval", "0.2", "--save", str(tmp_path / "model.pth"), *flags],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                cwd=HERE)
+        started.append(proc)
+        watchdog = threading.Timer(90, os.killpg, (proc.pid, signal.SIGKILL))
+        watchdog.start()
+        for line in proc.stdout:  # a progress line comes every 0.2 s
+            if re.search(r" steps=[1-9]", line):
+                break
+        watchdog.cancel()
+        assert proc.poll() is None, proc.stderr.read()
+        return proc
+
+    yield start
+    for proc in started:  # whatever happened in the test, leave nothing behind
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+@pytest.mark.parametrize("signum, to_group, mode", [(signal.SIGINT, True, "gradient"), (signal.SIGTERM, False, "data")])
+def test_signal_stops_everything_and_saves(training, tmp_path, signum, to_group, mode):
+    proc = training("--mode", mode)
+    (os.killpg if to_group else os.kill)(proc.pid, signum)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 128 + signum, err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert f"stopped by {signal.Signals(signum).name}; checkpoint saved to" in err
+    assert out.splitlines()[-1].startswith("result: solved=no")
+    assert a3c.load_checkpoint(str(tmp_path / "model.pth"))["steps"] > 0
+    assert group_is_empty(proc.pid, 5)
+
+
+def test_killed_worker_stops_the_run(training, tmp_path):
+    proc = training()
+    os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 1 and "worker 1 was killed by SIGKILL" in err and "Traceback" not in err
+    assert os.path.exists(tmp_path / "model.pth")
+    assert group_is_empty(proc.pid, 5)
+
+
+class BrokenCartPole(CartPoleEnv):
+    """CartPole that raises after 300 steps: a stand-in for a bug in a user's environment."""
+
+    def step(self, action):
+        self.steps_taken = getattr(self, "steps_taken", 0) + 1
+        if self.steps_taken > 300:
+            raise RuntimeError("the environment broke")
+        return super().step(action)
+
+
+# a3c.py can make it by the id "test_a3c:BrokenCartPole-v0": Gymnasium imports this module, which registers it
+gym.register("BrokenCartPole-v0", entry_point=BrokenCartPole, max_episode_steps=500, reward_threshold=475.0)
+
+
+def test_failing_worker_reports_its_traceback(training, tmp_path):
+    proc = training("--mode", "data", "--env", "test_a3c:BrokenCartPole-v0")
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert "RuntimeError: the environment broke" in err and "Traceback" in err
+    assert re.search(r"worker \d failed with exit code 1", err)
+    assert group_is_empty(proc.pid, 5)
+
+
+def test_workers_exit_when_main_is_killed(training):
+    proc = training()
+    workers = worker_pids(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(workers) == 2 and group_is_empty(proc.pid, 10)
+
+
+def test_diverged_training_keeps_last_good_checkpoint(tmp_path):
+    path = tmp_path / "model.pth"
+    save_small_checkpoint(path)
+    before = path.read_bytes()
+    proc = subprocess.run([sys.executable, A3C, "--workers", "2", "--lr", "1e20", "--hidden", "16", "--save", str(path),
+                           "--max-steps", "1000000"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "training diverged" in proc.stderr and "keeps the last good checkpoint" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert path.read_bytes() == before
