@@ -45,6 +45,11 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # show defaults, but not the empty ones
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
 def number(kind, low=-math.inf, high=math.inf, low_open=True):
     """An argparse type: a finite int or float in (low, high] (or [low, high] with low_open=False)."""
     def parse(text):
@@ -66,7 +71,7 @@ def parse_args(argv=None):
     """Parse the command line; tests call parse_args([...]) with their own flags."""
     positive_int, positive, non_negative = number(int, 0), number(float, 0), number(float, 0, low_open=False)
     p = OneLineParser(prog="a3c.py", description=__doc__.split("\n")[0],
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                      formatter_class=HelpFormatter)
     p.add_argument("--workers", type=positive_int, default=4, help="worker processes")
     p.add_argument("--mode", choices=["gradient", "data"], default="gradient",
                    help="gradient: Hogwild workers; data: workers act, one learner trains")
@@ -75,11 +80,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=number(int), default=0, help="worker i uses seed + i")
     p.add_argument("--lr", type=positive, default=2e-3, help="Adam learning rate")
     p.add_argument("--gamma", type=number(float, 0, 1), default=0.99, help="discount factor, in (0, 1]")
-    p.add_argument("--n-steps", type=positive_int, default=20, help="steps in each env between two updates")
+    p.add_argument("--n-steps", type=positive_int, default=10, help="steps in each env between two updates")
     p.add_argument("--envs-per-worker", type=positive_int, default=4,
                    help="envs each worker steps together, choosing their actions in one forward pass")
     p.add_argument("--entropy-coef", type=non_negative, default=0.01, help="weight of the entropy bonus")
     p.add_argument("--value-coef", type=non_negative, default=0.5, help="weight of the value loss")
+    p.add_argument("--reward-scale", type=positive, default=0.1,
+                   help="the critic learns the values of rewards times this (episode returns stay true)")
     p.add_argument("--max-grad-norm", type=positive, default=5.0, help="clip each update's gradient norm")
     p.add_argument("--hidden", type=positive_int, default=None,
                    help="width of the two hidden layers (default: 64, or the checkpoint's)")
@@ -303,10 +310,17 @@ def assemble_batch(model, rollouts):
     return logits[keep], values[keep], actions, bootstrap_values
 
 
-def rollout_loss(model, rollouts, gamma, value_coef, entropy_coef):
-    """The A3C loss of a batch of rollouts: the single piece of maths both modes train with."""
+def rollout_loss(model, rollouts, gamma, value_coef, entropy_coef, reward_scale=1.0):
+    """The A3C loss of a batch of rollouts: the single piece of maths both modes train with.
+
+    The critic learns the values of rewards * reward_scale. Scaling every reward by one positive
+    factor scales every return and value by it and leaves the best policy unchanged, but it sets the
+    size of the value loss (which grows with its square) against the policy and entropy terms: with
+    raw returns near 1 / (1 - gamma) = 100, the value gradient swamps the shared torso.
+    """
     logits, values, actions, bootstrap_values = assemble_batch(model, rollouts)
-    returns = torch.cat([n_step_returns(r.rewards, b, gamma) for r, b in zip(rollouts, bootstrap_values)])
+    returns = torch.cat([n_step_returns(r.rewards * reward_scale, b, gamma)
+                         for r, b in zip(rollouts, bootstrap_values)])
     return a3c_loss(logits, values, actions, returns, value_coef, entropy_coef)
 
 
@@ -346,6 +360,7 @@ def worker_setup(rank, args):
     """What every worker does first: one thread, seeds, its own envs, its own local model."""
     torch.set_num_threads(1)  # two cores: a worker that spawns threads only slows the others down
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the main process decides
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler, which fork copies
     torch.manual_seed(args.seed + rank)
     rng = np.random.default_rng(args.seed + rank)
     # env k of worker i starts from seed + i + k * workers: with one env per worker, worker i uses seed + i
@@ -387,7 +402,8 @@ def gradient_worker(rank, args, shared_model, optimizer, worker_steps, episode_q
         while not stop_event.is_set() and parent_alive(parent_pid):
             sync_model(local_model, shared_model)
             rollouts = collect_rollouts(envs, local_model, obs, args.n_steps, rng, rank=rank)
-            loss = rollout_loss(local_model, rollouts, args.gamma, args.value_coef, args.entropy_coef)
+            loss = rollout_loss(local_model, rollouts, args.gamma, args.value_coef, args.entropy_coef,
+                                args.reward_scale)
             check_finite(loss)
             hogwild_update(local_model, shared_model, optimizer, loss, args.max_grad_norm)
             worker_steps[rank] += args.n_steps * len(envs)
@@ -423,7 +439,7 @@ def learner_update(model, optimizer, rollouts, args):
     A3C has no off-policy correction: the actions were sampled by weights a few updates old (the
     policy lag), and the gradient treats them as on-policy. IMPALA's V-trace is the fix for large lags.
     """
-    loss = rollout_loss(model, rollouts, args.gamma, args.value_coef, args.entropy_coef)
+    loss = rollout_loss(model, rollouts, args.gamma, args.value_coef, args.entropy_coef, args.reward_scale)
     check_finite(loss)
     optimizer.zero_grad()
     loss.backward()
@@ -598,7 +614,11 @@ def train(args, checkpoint=None):
 
     shared_model = ActorCritic(obs_size, n_actions, args.hidden)
     shared_model.share_memory()
-    ctx = mp.get_context("spawn")  # explicit: the same on Linux, macOS and Python 3.14
+    # On Linux, fork starts a worker in milliseconds with torch already imported, as PyTorch's own Hogwild
+    # example does; spawn (the only way on Windows, the safe one on macOS) re-imports torch in every
+    # worker, about 2 s of CPU each, which on 2 cores is a large part of a 5 s run. Chosen explicitly:
+    # Python 3.14 made forkserver the Linux default.
+    ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
     if args.mode == "gradient":
         optimizer = SharedAdam(shared_model.parameters(), lr=args.lr)
     else:
@@ -684,7 +704,11 @@ def train(args, checkpoint=None):
 def evaluate(args, checkpoint):
     """Play --episodes episodes with the checkpoint's most probable action; returns a summary dict."""
     torch.set_num_threads(1)
-    env = make_env(args.env, args.seed, render_mode="human" if args.render else None)
+    try:
+        env = make_env(args.env, args.seed, render_mode="human" if args.render else None)
+        env.reset(seed=args.seed)  # a human window opens here, so a missing pygame shows up here
+    except gym.error.Error as e:
+        raise UsageError(f"environment {args.env!r}: {e}")
     model = ActorCritic(checkpoint["obs_size"], checkpoint["n_actions"], checkpoint["hidden"])
     model.load_state_dict(checkpoint["model"])
     target_return = args.target_return if args.target_return is not None else env.spec.reward_threshold
@@ -758,7 +782,11 @@ def main(argv=None):
     except KeyboardInterrupt:  # Ctrl-C before training started: nothing to save
         print("a3c.py: interrupted before training started", file=sys.stderr)
         return 130
-    summary = evaluate(args, checkpoint) if args.eval else train(args, checkpoint)
+    try:
+        summary = evaluate(args, checkpoint) if args.eval else train(args, checkpoint)
+    except UsageError as e:
+        print(f"a3c.py: error: {e}", file=sys.stderr)
+        return 2
     if summary["message"]:
         kept = "" if args.eval else (f"; checkpoint saved to {args.save}" if summary["saved"]
                                      else f"; {args.save} keeps the last good checkpoint, if any")

@@ -517,7 +517,7 @@ def group_is_empty(pgid, seconds):
 def worker_pids(pid):
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         children = [int(child) for child in f.read().split()]
-    return [child for child in children if "multiprocessing.spawn" in open(f"/proc/{child}/cmdline").read()]
+    return [child for child in children if "resource_tracker" not in open(f"/proc/{child}/cmdline").read()]
 
 
 @pytest.fixture
