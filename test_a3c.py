@@ -361,15 +361,18 @@ def run_cli(*flags, timeout):
 
 @pytest.mark.parametrize("mode", ["gradient", "data"])
 def test_single_worker_learns_cartpole(mode, tmp_path):
-    """One worker learns CartPole-v1 to a mean return of 195 over 100 episodes (the old CartPole-v0 bar).
+    """One worker solves CartPole-v1: mean return of the last 100 episodes >= 475 (its reward_threshold).
 
-    Reliable by construction: one worker in gradient mode is deterministic for a seed, and seed 1 gets
-    there in well under the step budget in both modes; the budget is in env steps, not seconds, so a busy
-    machine makes the test slower but not flaky. The timeout only guards against a hang.
+    Reliable by construction: the budget is in env steps, not seconds, so a busy machine makes the test
+    slower but not flaky. One worker in gradient mode is deterministic for a seed; data mode is not (the
+    learner and the worker race), so its budget has the wide margin: on this 2-core machine seeds 1-5
+    solved in 70k-85k steps (gradient) and 71k-89k (data), and the budget is 300k. The timeout only
+    guards against a hang.
     """
-    match = run_cli("--workers", "1", "--mode", mode, "--seed", "1", "--target-return", "195",
-                    "--max-steps", "150000", "--save", str(tmp_path / "model.pth"), timeout=150)
+    match = run_cli("--workers", "1", "--mode", mode, "--seed", "1", "--max-steps", "300000",
+                    "--save", str(tmp_path / "model.pth"), timeout=150)
     assert match.group(1) == "yes", match.group(0)
+    assert float(match.group(6)) >= 475
 
 
 # --- operating it: bad input, checkpoints, signals, crashes -----------------------------------------
