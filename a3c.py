@@ -1,10 +1,12 @@
 """Asynchronous Advantage Actor-Critic (A3C) in one file, for PyTorch and Gymnasium on the CPU.
 
 Two ways to run the workers in parallel:
-  --mode gradient  every worker acts, computes the gradient of its own rollout and applies it to the
+  --mode gradient  every worker acts, computes the gradient of its own rollouts and applies it to the
                    shared model through a shared-state Adam, without locks (Hogwild, as in the paper).
   --mode data      workers only act and send their rollouts to one learner, the main process, which
                    batches them, computes the gradient and publishes the new weights.
+Each worker steps --envs-per-worker environments together (one forward pass chooses all their actions);
+with 1 it is the paper's one-environment actor-learner. Only --workers 1 --mode gradient is reproducible.
 
     python a3c.py --workers 4 --mode gradient
     python a3c.py --workers 2 --mode data --seed 1
@@ -47,7 +49,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # show defaults, but not the empty ones
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
 
 
 def number(kind, low=-math.inf, high=math.inf, low_open=True):
