@@ -23,7 +23,6 @@ import os
 import queue
 import signal
 import sys
-import tempfile
 import time
 import traceback
 from collections import deque
@@ -465,10 +464,9 @@ def save_checkpoint(path, model, optimizer, args, steps, episodes, recent_return
                   "n_actions": model.policy.out_features, "hidden": model.hidden1.out_features,
                   "model": model.state_dict(), "optimizer": optimizer.state_dict(), "args": vars(args),
                   "steps": steps, "episodes": episodes, "recent_returns": list(recent_returns)}
-    # the temporary file sits in the same folder, so os.replace is a rename within one file system
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".a3c-", suffix=".tmp")
+    tmp = f"{path}.tmp"  # in the same folder, so os.replace is a rename within one file system
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())
