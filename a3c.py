@@ -776,17 +776,13 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         checkpoint = prepare(args)
-    except UsageError as e:
-        print(f"a3c.py: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # Ctrl-C before training started: nothing to save
-        print("a3c.py: interrupted before training started", file=sys.stderr)
-        return 130
-    try:
         summary = evaluate(args, checkpoint) if args.eval else train(args, checkpoint)
     except UsageError as e:
         print(f"a3c.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before training started, or during --eval (training turns it into a Stop)
+        print("a3c.py: interrupted", file=sys.stderr)
+        return 130
     if summary["message"]:
         kept = "" if args.eval else (f"; checkpoint saved to {args.save}" if summary["saved"]
                                      else f"; {args.save} keeps the last good checkpoint, if any")

@@ -552,7 +552,12 @@ def training(tmp_path):
         proc.wait()
 
 
-@pytest.mark.parametrize("signum, to_group, mode", [(signal.SIGINT, True, "gradient"), (signal.SIGTERM, False, "data")])
+@pytest.mark.parametrize("signum, to_group, mode", [
+    (signal.SIGINT, True, "gradient"),  # Ctrl-C in a terminal: the whole process group gets it
+    (signal.SIGINT, False, "data"),
+    (signal.SIGTERM, False, "data"),
+    (signal.SIGTERM, True, "gradient"),
+])
 def test_signal_stops_everything_and_saves(training, tmp_path, signum, to_group, mode):
     proc = training("--mode", mode)
     (os.killpg if to_group else os.kill)(proc.pid, signum)
