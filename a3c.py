@@ -495,8 +495,8 @@ def load_checkpoint(path):
 class Monitor:
     """Episode statistics, progress lines, the episode CSV and the stop criteria, the same in both modes."""
 
-    def __init__(self, args, target_return, steps=0, episodes=0, recent_returns=()):
-        self.args, self.target_return = args, target_return
+    def __init__(self, args, steps=0, episodes=0, recent_returns=()):
+        self.args = args
         self.recent = deque(recent_returns, maxlen=100)
         self.episodes, self.start_steps = episodes, steps
         self.start = self.last_print = time.perf_counter()
@@ -518,7 +518,7 @@ class Monitor:
         return sum(self.recent) / len(self.recent) if self.recent else float("nan")
 
     def solved(self):
-        return len(self.recent) == self.recent.maxlen and self.mean_return() >= self.target_return
+        return len(self.recent) == self.recent.maxlen and self.mean_return() >= self.args.target_return
 
     def done(self, steps):
         return (self.solved() or (self.args.max_episodes is not None and self.episodes >= self.args.max_episodes)
@@ -609,7 +609,6 @@ def train(args, checkpoint=None):
     torch.manual_seed(args.seed)
     env = make_env(args.env)
     obs_size, n_actions = env.observation_space.shape[0], int(env.action_space.n)
-    target_return = args.target_return if args.target_return is not None else env.spec.reward_threshold
     env.close()
 
     shared_model = ActorCritic(obs_size, n_actions, args.hidden)
@@ -628,7 +627,7 @@ def train(args, checkpoint=None):
         shared_model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         counters = {key: checkpoint[key] for key in counters}
-    monitor = Monitor(args, target_return, **counters)
+    monitor = Monitor(args, **counters)
     # Env steps, one slot per worker and no lock: each slot has one writer, and a worker killed while
     # holding a lock would leave it locked for good, hanging whoever reads the counter next.
     worker_steps = ctx.Array("q", args.workers, lock=False)
@@ -711,7 +710,6 @@ def evaluate(args, checkpoint):
         raise UsageError(f"environment {args.env!r}: {e}")
     model = ActorCritic(checkpoint["obs_size"], checkpoint["n_actions"], checkpoint["hidden"])
     model.load_state_dict(checkpoint["model"])
-    target_return = args.target_return if args.target_return is not None else env.spec.reward_threshold
     returns, steps, start = [], 0, time.perf_counter()
     for episode in range(args.episodes):
         obs, _ = env.reset(seed=args.seed + episode)
@@ -727,15 +725,16 @@ def evaluate(args, checkpoint):
     env.close()
     seconds = time.perf_counter() - start
     mean_return = sum(returns) / len(returns)
-    return {"solved": target_return is not None and mean_return >= target_return, "episodes": len(returns),
-            "steps": steps, "seconds": seconds, "steps_per_second": steps / seconds, "mean_return": mean_return,
-            "exit_code": 0, "message": None}
+    solved = args.target_return is not None and mean_return >= args.target_return
+    return {"solved": solved, "episodes": len(returns), "steps": steps, "seconds": seconds,
+            "steps_per_second": steps / seconds, "mean_return": mean_return, "exit_code": 0, "message": None}
 
 
 # --- 12. Entry point -------------------------------------------------------------------------------
 
 def prepare(args):
-    """Check every input before a process starts; returns the checkpoint to load, if any."""
+    """Check every input before a process starts and fill in the defaults that depend on the env or the
+    checkpoint (--env, --hidden, --target-return); returns the checkpoint to load, if any."""
     checkpoint = None
     path = args.eval or args.resume
     if args.eval and args.resume:
@@ -758,11 +757,12 @@ def prepare(args):
     except ValueError as e:
         raise UsageError(f"environment {e}; this file supports 1-D Box observations and Discrete actions")
     shape = (env.observation_space.shape[0], int(env.action_space.n))
-    no_threshold = env.spec.reward_threshold is None
+    if args.target_return is None:
+        args.target_return = env.spec.reward_threshold
     env.close()
     if checkpoint is not None and shape != (checkpoint["obs_size"], checkpoint["n_actions"]):
         raise UsageError(f"checkpoint {path} does not fit {args.env}'s observation and action sizes")
-    if no_threshold and args.target_return is None and not args.eval:
+    if args.target_return is None and not args.eval:
         raise UsageError(f"{args.env} has no reward_threshold: give --target-return")
     if not args.eval:
         for flag, out in [("--save", args.save), ("--log-csv", args.log_csv)]:
