@@ -78,7 +78,8 @@ def parse_args(argv=None):
                    help="gradient: Hogwild workers; data: workers act, one learner trains")
     p.add_argument("--env", type=str, default=None,
                    help="Gymnasium id, vector obs and discrete actions (default: CartPole-v1, or the checkpoint's)")
-    p.add_argument("--seed", type=number(int), default=0, help="worker i uses seed + i")
+    p.add_argument("--seed", type=number(int), default=0,
+                   help="worker i seeds its generators with seed + i, its env k with seed + i + k * workers")
     p.add_argument("--lr", type=positive, default=2e-3, help="Adam learning rate")
     p.add_argument("--gamma", type=number(float, 0, 1), default=0.99, help="discount factor, in (0, 1]")
     p.add_argument("--n-steps", type=positive_int, default=10, help="steps in each env between two updates")
