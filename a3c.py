@@ -77,7 +77,7 @@ def parse_args(argv=None):
     p.add_argument("--mode", choices=["gradient", "data"], default="gradient",
                    help="gradient: Hogwild workers; data: workers act, one learner trains")
     p.add_argument("--env", type=str, default=None,
-                   help="Gymnasium id, vector obs and discrete actions (default: CartPole-v1, or the checkpoint's)")
+                   help="Gymnasium id: 1-D Box obs, Discrete or 1-D Box actions (default: CartPole-v1, or the checkpoint's)")
     p.add_argument("--seed", type=number(int), default=0,
                    help="worker i seeds its generators with seed + i, its env k with seed + i + k * workers")
     p.add_argument("--lr", type=positive, default=2e-3, help="Adam learning rate")
@@ -118,54 +118,145 @@ def make_env(env_id, seed=None, render_mode=None):
 
     The TimeLimit wrapper stays on: it is what tells a time-limit truncation from a real termination.
     RecordEpisodeStatistics puts the episode's return and length in info["episode"] when it ends.
+    A Box action is clipped to the action space's bounds on its way into the env (ClipAction), while the
+    rollout keeps the sampled action: the loss needs log pi of what the Gaussian actually drew, and the
+    clipped value has no density under it. An unbounded dimension (inf bounds) passes through as sampled.
     """
     env = gym.wrappers.RecordEpisodeStatistics(gym.make(env_id, render_mode=render_mode))
     obs_space, action_space = env.observation_space, env.action_space
     if not (isinstance(obs_space, gym.spaces.Box) and len(obs_space.shape) == 1):
         env.close()
         raise ValueError(f"{env_id}: observation space {obs_space} is not a 1-D Box")
-    if not isinstance(action_space, gym.spaces.Discrete):
+    if isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1:
+        env = gym.wrappers.ClipAction(env)
+    elif not isinstance(action_space, gym.spaces.Discrete):
         env.close()
-        raise ValueError(f"{env_id}: action space {action_space} is not Discrete")
+        raise ValueError(f"{env_id}: action space {action_space} is neither Discrete nor a 1-D Box")
     if seed is not None:
         env.action_space.seed(seed)
     return env
 
 
+def model_shape(env):
+    """What ActorCritic needs to know of an env, as its keyword arguments obs_size, n_actions, continuous.
+
+    n_actions is the number of choices for Discrete actions, the number of dimensions for Box actions.
+    """
+    space = env.action_space
+    continuous = isinstance(space, gym.spaces.Box)
+    return {"obs_size": env.observation_space.shape[0], "continuous": continuous,
+            "n_actions": space.shape[0] if continuous else int(space.n)}
+
+
 # --- 3. Network ------------------------------------------------------------------------------------
 
-class ActorCritic(nn.Module):
-    """A shared torso with a policy head (logits) and a value head V(s)."""
+def categorical_log_prob_entropy(logits, actions):
+    """log pi(a_t|s_t) and the entropy of pi(.|s_t) for a softmax policy.
 
-    def __init__(self, obs_size, n_actions, hidden=64):
+    Args: logits [T, A], actions [T] int64. Returns: log_probs [T], entropy [T].
+    """
+    log_probs = torch.log_softmax(logits, dim=-1)  # [T, A]
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return log_probs.gather(1, actions.unsqueeze(1)).squeeze(1), entropy
+
+
+def gaussian_log_prob_entropy(mean, log_std, actions):
+    """log pi(a_t|s_t) and the entropy of pi(.|s_t) for a diagonal Gaussian policy.
+
+    Args: mean [T, D], log_std [D], actions [T, D] float32. Returns: log_probs [T], entropy [T].
+    Per dimension, log N(a; mu, sigma) = -(a - mu)^2 / (2 sigma^2) - log sigma - log(2 pi) / 2 and
+    H = log sigma + (1 + log(2 pi)) / 2; the dimensions are independent, so both sum over them.
+    """
+    log_probs = -0.5 * ((actions - mean) / log_std.exp()).pow(2) - log_std - 0.5 * math.log(2 * math.pi)
+    entropy = (log_std + 0.5 * (1 + math.log(2 * math.pi))).sum(-1).expand(mean.shape[0])
+    return log_probs.sum(-1), entropy
+
+
+class CategoricalHead(nn.Module):
+    """Discrete actions: one logit per action, pi(.|s) = softmax(logits)."""
+    action_dtype = np.int64
+
+    def __init__(self, hidden, n_actions):
+        super().__init__()
+        self.out = nn.Linear(hidden, n_actions)
+        self.action_shape = ()
+
+    def forward(self, h):
+        return self.out(h)  # [B, A] logits
+
+    def log_prob_entropy(self, logits, actions):
+        return categorical_log_prob_entropy(logits, actions)
+
+    def sample(self, logits, rng):
+        """Gumbel-max trick: argmax(logits + Gumbel noise) is an exact sample from softmax(logits), and on
+        small batches it costs far less than torch.distributions.Categorical or torch.multinomial."""
+        return np.argmax(logits + rng.gumbel(size=logits.shape), axis=1)  # [K]
+
+    def mode(self, logits):
+        return np.argmax(logits, axis=1)
+
+
+class GaussianHead(nn.Module):
+    """Box actions: a ~ N(mean(s), sigma^2) in each dimension, the mean from the torso.
+
+    log sigma is one free parameter per dimension rather than a head: the paper learns a variance per
+    state, but a state-free sigma is trained by every sample, cannot collapse on rarely visited states,
+    and is the choice that trains reliably in today's libraries (Stable-Baselines3, CleanRL).
+    """
+    action_dtype = np.float32
+
+    def __init__(self, hidden, action_dims):
+        super().__init__()
+        self.out = nn.Linear(hidden, action_dims)
+        self.log_std = nn.Parameter(torch.zeros(action_dims))  # sigma = 1 at the start
+        self.action_shape = (action_dims,)
+
+    def forward(self, h):
+        return self.out(h)  # [B, D] means
+
+    def log_prob_entropy(self, mean, actions):
+        return gaussian_log_prob_entropy(mean, self.log_std, actions)
+
+    def sample(self, mean, rng):
+        std = np.exp(self.log_std.detach().numpy())  # [D]
+        return (mean + std * rng.standard_normal(mean.shape)).astype(np.float32)  # [K, D], not clipped
+
+    def mode(self, mean):
+        return mean
+
+
+class ActorCritic(nn.Module):
+    """A shared torso with a policy head and a value head V(s).
+
+    The action space picks the policy head, here and nowhere else: logits for Discrete actions, a
+    Gaussian's mean (and a learned sigma) for Box actions. Everything after this (sampling, the loss,
+    both workers, the learner, evaluation) goes through the head's sample, mode and log_prob_entropy.
+    """
+
+    def __init__(self, obs_size, n_actions, hidden=64, continuous=False):
         super().__init__()
         self.hidden1 = nn.Linear(obs_size, hidden)
         self.hidden2 = nn.Linear(hidden, hidden)
-        self.policy = nn.Linear(hidden, n_actions)
+        self.policy = (GaussianHead if continuous else CategoricalHead)(hidden, n_actions)
         self.value = nn.Linear(hidden, 1)
-        # Orthogonal init; a tiny policy head starts the policy near uniform (maximal exploration),
-        # a unit-scale value head lets V(s) reach the scale of the returns quickly.
+        # Orthogonal init; a tiny policy layer starts the policy near uniform (or the Gaussian near mean 0),
+        # maximal exploration, and a unit-scale value head lets V(s) reach the scale of the returns quickly.
         for layer, gain in [(self.hidden1, math.sqrt(2)), (self.hidden2, math.sqrt(2)),
-                            (self.policy, 0.01), (self.value, 1.0)]:
+                            (self.policy.out, 0.01), (self.value, 1.0)]:
             nn.init.orthogonal_(layer.weight, gain)
             nn.init.zeros_(layer.bias)
 
     def forward(self, obs):
-        """obs [B, obs_size] float32 -> (logits [B, n_actions], value [B])."""
+        """obs [B, obs_size] float32 -> (policy head output [B, n_actions], value [B])."""
         h = torch.tanh(self.hidden2(torch.tanh(self.hidden1(obs))))
         return self.policy(h), self.value(h).squeeze(-1)
 
 
 def sample_actions(model, obs, rng):
-    """Sample a_k ~ pi(.|s_k) for a batch of observations [K, obs_size], without an autograd graph.
-
-    Gumbel-max trick: argmax(logits + Gumbel noise) is an exact sample from softmax(logits), and on
-    small batches it costs far less than torch.distributions.Categorical or torch.multinomial.
-    """
+    """Sample a_k ~ pi(.|s_k) for a batch of observations [K, obs_size], without an autograd graph."""
     with torch.inference_mode():
-        logits, _ = model(torch.from_numpy(obs))
-    logits = logits.numpy()
-    return np.argmax(logits + rng.gumbel(size=logits.shape), axis=1)  # [K]
+        head_out, _ = model(torch.from_numpy(obs))
+        return model.policy.sample(head_out.numpy(), rng)
 
 
 # --- 4. Shared optimizer ---------------------------------------------------------------------------
@@ -223,23 +314,22 @@ def n_step_returns(rewards, bootstrap_value, gamma):
     return torch.tensor(returns, dtype=torch.float32)
 
 
-def a3c_loss(logits, values, actions, returns, value_coef, entropy_coef):
+def a3c_loss(log_probs, entropy, values, returns, value_coef, entropy_coef):
     """policy_loss + value_coef * value_loss - entropy_coef * entropy, averaged over the T steps.
 
-    Args: logits [T, A], values [T], actions [T] int64, returns [T].
+    Args: log_probs [T] = log pi(a_t|s_t), entropy [T] of pi(.|s_t) (from the policy head, whatever the
+    action space), values [T] = V(s_t), returns [T] = R_t.
     The advantage A_t = R_t - V(s_t) is detached in the policy term, so that term trains only the
     policy and the critic learns from the value loss alone (Mnih et al. 2016, Alg. S3).
     We average over steps instead of summing as Alg. S3 does: the gradient's scale, and so the right
     learning rate, then does not depend on the rollout length or on how many rollouts are batched.
     """
-    T = logits.shape[0]
-    assert logits.dim() == 2 and values.shape == (T,) and actions.shape == (T,) and returns.shape == (T,)
-    log_probs = torch.log_softmax(logits, dim=-1)  # [T, A]
+    T = log_probs.shape[0]
+    assert log_probs.shape == entropy.shape == values.shape == returns.shape == (T,)
     advantages = (returns - values).detach()  # [T]
-    policy_loss = -(log_probs.gather(1, actions.unsqueeze(1)).squeeze(1) * advantages).mean()
+    policy_loss = -(log_probs * advantages).mean()
     value_loss = 0.5 * (returns - values).pow(2).mean()
-    entropy = -(log_probs.exp() * log_probs).sum(-1).mean()
-    return policy_loss + value_coef * value_loss - entropy_coef * entropy
+    return policy_loss + value_coef * value_loss - entropy_coef * entropy.mean()
 
 
 # --- 6. Rollouts -----------------------------------------------------------------------------------
@@ -247,7 +337,7 @@ def a3c_loss(logits, values, actions, returns, value_coef, entropy_coef):
 class Rollout(NamedTuple):
     """Consecutive transitions of one episode in one env, as numpy arrays (cheap to pickle)."""
     obs: np.ndarray         # [T, obs_size] float32: s_0 .. s_{T-1}
-    actions: np.ndarray     # [T] int64
+    actions: np.ndarray     # [T] int64 (Discrete) or [T, D] float32 (Box, as sampled: not clipped)
     rewards: np.ndarray     # [T] float32
     final_obs: np.ndarray   # [obs_size]: s_T, the state to bootstrap from unless terminated
     terminated: bool        # the MDP ended: R_T = 0
@@ -266,7 +356,7 @@ def collect_rollouts(envs, model, obs, n_steps, rng, version=0, rank=0):
     reset and its next rollout starts from the reset observation, which is never a bootstrap state.
     """
     obs_buf = np.empty((n_steps, *obs.shape), dtype=np.float32)  # [n_steps, K, obs_size]
-    actions = np.empty((n_steps, len(envs)), dtype=np.int64)
+    actions = np.empty((n_steps, len(envs), *model.policy.action_shape), dtype=model.policy.action_dtype)
     rewards = np.empty((n_steps, len(envs)), dtype=np.float32)
     starts = [0] * len(envs)  # where each env's open rollout began
     rollouts = []
@@ -295,12 +385,12 @@ def collect_rollouts(envs, model, obs, n_steps, rng, version=0, rank=0):
 def assemble_batch(model, rollouts):
     """Evaluate one or more rollouts under the model's current parameters, in one forward pass.
 
-    Returns (logits [N, A], values [N], actions [N], bootstrap_values) with N = sum of the rollouts'
-    lengths, and for each rollout the value R_T its returns start from: 0 if the episode terminated,
+    Returns (head outputs [N, A], values [N], actions [N] or [N, D], bootstrap_values) with N = sum of
+    the rollouts' lengths, and for each rollout the value R_T its returns start from: 0 if the episode terminated,
     else V(s_T) of its final observation (a time-limit truncation or a cut by n_steps), without gradient.
     """
     obs = torch.from_numpy(np.concatenate([np.vstack([r.obs, r.final_obs]) for r in rollouts]))
-    logits, values = model(obs)  # [sum(T+1), A], [sum(T+1)]: states s_0 .. s_T of every rollout
+    head_out, values = model(obs)  # [sum(T+1), A], [sum(T+1)]: states s_0 .. s_T of every rollout
     keep, bootstrap_values, start = [], [], 0
     for r in rollouts:
         T = len(r.rewards)
@@ -309,7 +399,7 @@ def assemble_batch(model, rollouts):
         start += T + 1
     keep = torch.tensor(keep)
     actions = torch.from_numpy(np.concatenate([r.actions for r in rollouts]))
-    return logits[keep], values[keep], actions, bootstrap_values
+    return head_out[keep], values[keep], actions, bootstrap_values
 
 
 def rollout_loss(model, rollouts, gamma, value_coef, entropy_coef, reward_scale=1.0):
@@ -320,10 +410,11 @@ def rollout_loss(model, rollouts, gamma, value_coef, entropy_coef, reward_scale=
     size of the value loss (which grows with its square) against the policy and entropy terms: with
     raw returns near 1 / (1 - gamma) = 100, the value gradient swamps the shared torso.
     """
-    logits, values, actions, bootstrap_values = assemble_batch(model, rollouts)
+    head_out, values, actions, bootstrap_values = assemble_batch(model, rollouts)
     returns = torch.cat([n_step_returns(r.rewards * reward_scale, b, gamma)
                          for r, b in zip(rollouts, bootstrap_values)])
-    return a3c_loss(logits, values, actions, returns, value_coef, entropy_coef)
+    log_probs, entropy = model.policy.log_prob_entropy(head_out, actions)
+    return a3c_loss(log_probs, entropy, values, returns, value_coef, entropy_coef)
 
 
 def check_finite(loss):
@@ -369,7 +460,7 @@ def worker_setup(rank, args):
     seeds = [args.seed + rank + k * args.workers for k in range(args.envs_per_worker)]
     envs = [make_env(args.env, seed) for seed in seeds]
     obs = np.stack([np.asarray(env.reset(seed=seed)[0], dtype=np.float32) for env, seed in zip(envs, seeds)])
-    model = ActorCritic(obs.shape[1], int(envs[0].action_space.n), args.hidden)
+    model = ActorCritic(**model_shape(envs[0]), hidden=args.hidden)
     return envs, model, obs, rng
 
 
@@ -462,7 +553,8 @@ def save_checkpoint(path, model, optimizer, args, steps, episodes, recent_return
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         return False
     checkpoint = {"format": CHECKPOINT_FORMAT, "env": args.env, "obs_size": model.hidden1.in_features,
-                  "n_actions": model.policy.out_features, "hidden": model.hidden1.out_features,
+                  "n_actions": model.policy.out.out_features, "hidden": model.hidden1.out_features,
+                  "continuous": isinstance(model.policy, GaussianHead),
                   "model": model.state_dict(), "optimizer": optimizer.state_dict(), "args": vars(args),
                   "steps": steps, "episodes": episodes, "recent_returns": list(recent_returns)}
     tmp = f"{path}.tmp"  # in the same folder, so os.replace is a rename within one file system
@@ -489,6 +581,12 @@ def load_checkpoint(path):
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise UsageError(f"checkpoint {path}: not an a3c.py checkpoint")
     return checkpoint
+
+
+def checkpoint_shape(checkpoint):
+    """What the checkpoint's model was built for, as model_shape gives it for an env."""
+    return {"obs_size": checkpoint["obs_size"], "n_actions": checkpoint["n_actions"],
+            "continuous": checkpoint.get("continuous", False)}
 
 
 # --- 10. Monitor and training loop -----------------------------------------------------------------
@@ -609,10 +707,10 @@ def train(args, checkpoint=None):
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     env = make_env(args.env)
-    obs_size, n_actions = env.observation_space.shape[0], int(env.action_space.n)
+    shape = model_shape(env)
     env.close()
 
-    shared_model = ActorCritic(obs_size, n_actions, args.hidden)
+    shared_model = ActorCritic(**shape, hidden=args.hidden)
     shared_model.share_memory()
     # On Linux, fork starts a worker in milliseconds with torch already imported, as PyTorch's own Hogwild
     # example does; spawn (the only way on Windows, the safe one on macOS) re-imports torch in every
@@ -709,16 +807,16 @@ def evaluate(args, checkpoint):
         env.reset(seed=args.seed)  # a human window opens here, so a missing pygame shows up here
     except gym.error.Error as e:
         raise UsageError(f"environment {args.env!r}: {e}")
-    model = ActorCritic(checkpoint["obs_size"], checkpoint["n_actions"], checkpoint["hidden"])
+    model = ActorCritic(**checkpoint_shape(checkpoint), hidden=checkpoint["hidden"])
     model.load_state_dict(checkpoint["model"])
     returns, steps, start = [], 0, time.perf_counter()
     for episode in range(args.episodes):
         obs, _ = env.reset(seed=args.seed + episode)
         done = False
         while not done:
-            with torch.inference_mode():
-                logits, _ = model(torch.as_tensor(obs, dtype=torch.float32).unsqueeze(0))
-            obs, _, terminated, truncated, info = env.step(int(logits.argmax()))
+            with torch.inference_mode():  # the most probable action: argmax, or the Gaussian's mean
+                head_out, _ = model(torch.as_tensor(obs, dtype=torch.float32).unsqueeze(0))
+            obs, _, terminated, truncated, info = env.step(model.policy.mode(head_out.numpy())[0])
             done = terminated or truncated
         returns.append(float(info["episode"]["r"]))
         steps += int(info["episode"]["l"])
@@ -756,13 +854,13 @@ def prepare(args):
         hint = f" (close matches: {', '.join(close)})" if close and "did you mean" not in str(e).lower() else ""
         raise UsageError(f"environment {args.env!r}: {e}{hint}")
     except ValueError as e:
-        raise UsageError(f"environment {e}; this file supports 1-D Box observations and Discrete actions")
-    shape = (env.observation_space.shape[0], int(env.action_space.n))
+        raise UsageError(f"environment {e}; this file supports 1-D Box observations with Discrete or 1-D Box actions")
+    shape = model_shape(env)
     if args.target_return is None:
         args.target_return = env.spec.reward_threshold
     env.close()
-    if checkpoint is not None and shape != (checkpoint["obs_size"], checkpoint["n_actions"]):
-        raise UsageError(f"checkpoint {path} does not fit {args.env}'s observation and action sizes")
+    if checkpoint is not None and shape != checkpoint_shape(checkpoint):
+        raise UsageError(f"checkpoint {path} does not fit {args.env}'s observation and action spaces")
     if args.target_return is None and not args.eval:
         raise UsageError(f"{args.env} has no reward_threshold: give --target-return")
     if not args.eval:

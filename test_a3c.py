@@ -111,7 +111,7 @@ def test_sample_actions_follow_the_policy():
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
-        model.policy.bias.copy_(torch.tensor([0.0, 1.0, 2.0]))
+        model.policy.out.bias.copy_(torch.tensor([0.0, 1.0, 2.0]))
     actions = a3c.sample_actions(model, np.zeros((20000, 2), np.float32), np.random.default_rng(0))
     expected = torch.softmax(torch.tensor([0.0, 1.0, 2.0]), 0).numpy()
     frequencies = np.bincount(actions, minlength=3) / len(actions)
@@ -124,9 +124,16 @@ def make_rollout(first_obs, T, terminated=False, truncated=False, version=0):
                        terminated, truncated, None, version)
 
 
-def value_is_first_coordinate(obs):
-    """A stand-in model whose V(s) is s[0], so each bootstrap value names the observation it came from."""
-    return torch.zeros(obs.shape[0], 2, requires_grad=True), obs[:, 0].clone().requires_grad_()
+class ValueIsFirstCoordinate:
+    """A stand-in model whose V(s) is s[0], so each bootstrap value names the observation it came from;
+    its policy is uniform over 2 actions (zero logits)."""
+    policy = a3c.CategoricalHead(1, 2)
+
+    def __call__(self, obs):
+        return torch.zeros(obs.shape[0], 2, requires_grad=True), obs[:, 0].clone().requires_grad_()
+
+
+value_is_first_coordinate = ValueIsFirstCoordinate()
 
 
 def test_batch_bootstraps_follow_termination_rule():
@@ -153,10 +160,15 @@ def test_rollout_loss_uses_bootstrap():
 
 # --- loss signs ---------------------------------------------------------------------------------------
 
+def discrete_loss(logits, values, actions, returns, value_coef, entropy_coef):
+    log_probs, entropy = a3c.categorical_log_prob_entropy(logits, actions)
+    return a3c.a3c_loss(log_probs, entropy, values, returns, value_coef, entropy_coef)
+
+
 def one_sgd_step(logits, values, actions, returns, value_coef=0.5, entropy_coef=0.0, lr=0.1):
     logits = logits.clone().requires_grad_()
     values = values.clone().requires_grad_()
-    a3c.a3c_loss(logits, values, actions, returns, value_coef, entropy_coef).backward()
+    discrete_loss(logits, values, actions, returns, value_coef, entropy_coef).backward()
     with torch.no_grad():
         return logits - lr * logits.grad, values - lr * values.grad, logits.grad, values.grad
 
@@ -179,7 +191,7 @@ def test_value_loss_pulls_value_toward_return():
 
 def test_value_loss_zero_when_values_equal_returns():
     returns = torch.tensor([1.0, -2.0])
-    loss = a3c.a3c_loss(torch.zeros(2, 2), returns.clone(), torch.tensor([0, 1]), returns, value_coef=1.0, entropy_coef=0.0)
+    loss = discrete_loss(torch.zeros(2, 2), returns.clone(), torch.tensor([0, 1]), returns, value_coef=1.0, entropy_coef=0.0)
     assert loss.item() == 0.0
 
 
@@ -202,21 +214,119 @@ def test_entropy_bonus_pushes_peaked_policy_toward_uniform():
 
 def test_loss_rejects_mismatched_shapes():
     with pytest.raises(AssertionError):
-        a3c.a3c_loss(torch.zeros(3, 2), torch.zeros(3, 1), torch.zeros(3, dtype=torch.long), torch.zeros(3), 0.5, 0.01)
+        a3c.a3c_loss(torch.zeros(3), torch.zeros(3), torch.zeros(3, 1), torch.zeros(3), 0.5, 0.01)
+    with pytest.raises(AssertionError):  # a Gaussian's log-probabilities must be summed over dimensions first
+        a3c.a3c_loss(torch.zeros(3, 2), torch.zeros(3), torch.zeros(3), torch.zeros(3), 0.5, 0.01)
+
+
+# --- the Gaussian policy (Box actions) ------------------------------------------------------------------
+
+def test_gaussian_log_prob_and_entropy_equal_torch_normal_summed_over_dimensions():
+    mean = torch.tensor([[0.0, 1.0, -2.0], [0.5, 0.0, 3.0]])
+    log_std = torch.tensor([0.0, -1.0, 0.7])
+    actions = torch.tensor([[0.3, 1.0, -5.0], [2.0, -0.2, 3.1]])
+    log_probs, entropy = a3c.gaussian_log_prob_entropy(mean, log_std, actions)
+    normal = torch.distributions.Normal(mean, log_std.exp())
+    torch.testing.assert_close(log_probs, normal.log_prob(actions).sum(-1))
+    torch.testing.assert_close(entropy, normal.entropy().sum(-1))
+    # by hand, one dimension: N(0.3; 0, 1) and H = (1 + log 2 pi) / 2 + log 1
+    one, one_entropy = a3c.gaussian_log_prob_entropy(torch.zeros(1, 1), torch.zeros(1), torch.tensor([[0.3]]))
+    assert one.item() == pytest.approx(-0.045 - 0.5 * np.log(2 * np.pi))
+    assert one_entropy.item() == pytest.approx(0.5 * (1 + np.log(2 * np.pi)))
+
+
+def gaussian_sgd_step(advantage, entropy_coef=0.0, lr=0.1):
+    """One SGD step on a one-step, one-dimension Gaussian policy: mean 0, sigma 1, sampled action 1."""
+    mean, log_std = torch.zeros(1, 1, requires_grad=True), torch.zeros(1, requires_grad=True)
+    log_probs, entropy = a3c.gaussian_log_prob_entropy(mean, log_std, torch.tensor([[1.0]]))
+    a3c.a3c_loss(log_probs, entropy, torch.zeros(1), torch.tensor([advantage]), 0.0, entropy_coef).backward()
+    with torch.no_grad():
+        return (mean - lr * mean.grad).item(), (log_std - lr * log_std.grad).item()
+
+
+def test_gaussian_positive_advantage_moves_mean_towards_the_sampled_action():
+    assert gaussian_sgd_step(advantage=2.0)[0] > 0.0  # towards the action 1.0
+    assert gaussian_sgd_step(advantage=-2.0)[0] < 0.0  # away from it
+
+
+def test_gaussian_entropy_bonus_raises_the_standard_deviation():
+    # zero advantage: only the entropy term moves sigma
+    assert gaussian_sgd_step(advantage=0.0, entropy_coef=1.0)[1] > 0.0
+    assert gaussian_sgd_step(advantage=0.0, entropy_coef=0.0)[1] == 0.0
+
+
+def test_gaussian_head_samples_around_the_mean_and_plays_the_mean():
+    model = a3c.ActorCritic(2, 2, hidden=8, continuous=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.policy.out.bias.copy_(torch.tensor([1.0, -3.0]))
+        model.policy.log_std.copy_(torch.tensor([0.0, np.log(0.5)]))
+    actions = a3c.sample_actions(model, np.zeros((20000, 2), np.float32), np.random.default_rng(0))
+    assert actions.dtype == np.float32 and actions.shape == (20000, 2)
+    np.testing.assert_allclose(actions.mean(0), [1.0, -3.0], atol=0.03)
+    np.testing.assert_allclose(actions.std(0), [1.0, 0.5], rtol=0.03)
+    np.testing.assert_array_equal(model.policy.mode(np.array([[1.0, -3.0]], np.float32)), [[1.0, -3.0]])
+
+
+class RecordingBoxEnv(gym.Env):
+    """Actions in [-1, 1] x [-inf, inf]; records every action it receives."""
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)
+    action_space = gym.spaces.Box(np.array([-1.0, -np.inf], np.float32), np.array([1.0, np.inf], np.float32))
+
+    def __init__(self, render_mode=None):
+        self.received = []
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        self.received.append(np.array(action))
+        return np.zeros(2, np.float32), 0.0, False, len(self.received) % 7 == 0, {}
+
+
+class MatrixActionEnv(RecordingBoxEnv):
+    action_space = gym.spaces.Box(-1.0, 1.0, (2, 2), np.float32)
+
+
+gym.register("RecordingBox-v0", entry_point=RecordingBoxEnv, disable_env_checker=True)
+gym.register("MatrixAction-v0", entry_point=MatrixActionEnv, disable_env_checker=True)
+
+
+def test_box_actions_reach_the_env_clipped_while_the_rollout_keeps_the_samples():
+    env = a3c.make_env("RecordingBox-v0", seed=0)
+    model = a3c.ActorCritic(2, 2, hidden=8, continuous=True)
+    with torch.no_grad():
+        model.policy.log_std.fill_(np.log(3.0))  # sigma 3: most samples fall outside [-1, 1]
+    obs = np.stack([env.reset(seed=0)[0]])
+    rollouts = a3c.collect_rollouts([env], model, obs, 20, np.random.default_rng(0))
+    sampled = np.concatenate([r.actions for r in rollouts])  # [20, 2]
+    received = np.stack(env.unwrapped.received)
+    assert sampled.dtype == np.float32 and sampled.shape == (20, 2)
+    assert np.abs(sampled[:, 0]).max() > 1.0  # the rollout keeps the out-of-bounds samples ...
+    np.testing.assert_array_equal(received[:, 0], np.clip(sampled[:, 0], -1.0, 1.0))  # ... the env sees them clipped
+    np.testing.assert_array_equal(received[:, 1], sampled[:, 1])  # an unbounded dimension passes as sampled
 
 
 # --- SharedAdam ---------------------------------------------------------------------------------------
 
-def adam_pair(**kwargs):
+# Every Hogwild test runs on both policy heads: the Gaussian's log_std is a parameter like any other,
+# shared and updated in place with the rest.
+HEADS = pytest.mark.parametrize("continuous", [False, True], ids=["categorical", "gaussian"])
+
+
+def adam_pair(continuous=False, **kwargs):
     torch.manual_seed(0)
-    model = a3c.ActorCritic(4, 2, hidden=16)
+    model = a3c.ActorCritic(4, 2, hidden=16, continuous=continuous)
     twin = copy.deepcopy(model)
     return model, a3c.SharedAdam(model.parameters(), **kwargs), twin, torch.optim.Adam(twin.parameters(), **kwargs)
 
 
+@HEADS
 @pytest.mark.parametrize("kwargs", [{}, {"lr": 3e-3, "weight_decay": 0.1, "amsgrad": True}])
-def test_shared_adam_equals_torch_adam(kwargs):
-    model, shared_adam, twin, adam = adam_pair(**kwargs)
+def test_shared_adam_equals_torch_adam(kwargs, continuous):
+    model, shared_adam, twin, adam = adam_pair(continuous, **kwargs)
     generator = torch.Generator().manual_seed(1)
     for _ in range(10):
         for p, q in zip(model.parameters(), twin.parameters()):
@@ -231,9 +341,11 @@ def test_shared_adam_equals_torch_adam(kwargs):
     assert shared_adam.state[next(model.parameters())]["step"].item() == 10
 
 
-def test_shared_adam_state_is_in_shared_memory_from_the_start():
-    model, shared_adam, _, _ = adam_pair()
+@HEADS
+def test_shared_adam_state_is_in_shared_memory_from_the_start(continuous):
+    model, shared_adam, _, _ = adam_pair(continuous)
     assert shared_adam.share_memory() is shared_adam
+    assert len(shared_adam.state) == len(list(model.parameters())) == 8 + continuous  # log_std included
     for p in model.parameters():
         state = shared_adam.state[p]
         assert set(state) == {"step", "exp_avg", "exp_avg_sq"}
@@ -243,10 +355,11 @@ def test_shared_adam_state_is_in_shared_memory_from_the_start():
 
 # --- gradient hand-over ------------------------------------------------------------------------------
 
-def fixed_rollout():
+def fixed_rollout(continuous=False):
     rng = np.random.default_rng(0)
     obs = rng.standard_normal((5, 4)).astype(np.float32)
-    return a3c.Rollout(obs, np.array([0, 1, 1, 0, 1]), np.ones(5, np.float32), obs[-1] + 0.1, False, True, None, 0)
+    actions = rng.standard_normal((5, 2)).astype(np.float32) if continuous else np.array([0, 1, 1, 0, 1])
+    return a3c.Rollout(obs, actions, np.ones(5, np.float32), obs[-1] + 0.1, False, True, None, 0)
 
 
 def rollout_gradient(model, rollout):
@@ -256,13 +369,14 @@ def rollout_gradient(model, rollout):
     return [p.grad.clone() for p in model.parameters()]
 
 
-def test_each_hogwild_update_applies_only_its_own_gradient():
+@HEADS
+def test_each_hogwild_update_applies_only_its_own_gradient(continuous):
     """The torch >= 2.0 port bug made the local gradients sum across updates (g, 2g, 3g, ...)."""
     torch.manual_seed(0)
-    shared_model = a3c.ActorCritic(4, 2, hidden=16)
+    shared_model = a3c.ActorCritic(4, 2, hidden=16, continuous=continuous)
     local_model = copy.deepcopy(shared_model)
     optimizer = torch.optim.SGD(shared_model.parameters(), lr=0.0)  # lr 0: the same loss every time
-    rollout = fixed_rollout()
+    rollout = fixed_rollout(continuous)
     expected = rollout_gradient(local_model, rollout)
     for _ in range(3):
         loss = a3c.rollout_loss(local_model, [rollout], 0.99, 0.5, 0.01)
@@ -279,14 +393,15 @@ def child_applies_gradient(shared_model, optimizer, rollout):
     a3c.hogwild_update(local_model, shared_model, optimizer, loss, max_grad_norm=float("inf"))
 
 
-def test_gradient_from_spawned_child_updates_shared_model_as_adam_would():
+@HEADS
+def test_gradient_from_spawned_child_updates_shared_model_as_adam_would(continuous):
     torch.manual_seed(0)
-    shared_model = a3c.ActorCritic(4, 2, hidden=16)
+    shared_model = a3c.ActorCritic(4, 2, hidden=16, continuous=continuous)
     shared_model.share_memory()
     optimizer = a3c.SharedAdam(shared_model.parameters(), lr=1e-2)
     reference = copy.deepcopy(shared_model)
     reference_adam = torch.optim.Adam(reference.parameters(), lr=1e-2)
-    rollout = fixed_rollout()
+    rollout = fixed_rollout(continuous)
     for p, g in zip(reference.parameters(), rollout_gradient(reference, rollout)):
         p.grad = g
     reference_adam.step()
@@ -301,6 +416,8 @@ def test_gradient_from_spawned_child_updates_shared_model_as_adam_would():
         if step == 1:
             for p, q in zip(shared_model.parameters(), reference.parameters()):
                 torch.testing.assert_close(p, q)
+            if continuous:  # the child moved the parent's sigma, exactly as Adam would
+                assert torch.count_nonzero(shared_model.policy.log_std) == 2
             first = [p.detach().clone() for p in shared_model.parameters()]
     assert any(not torch.equal(p, q) for p, q in zip(shared_model.parameters(), first))
 
@@ -398,7 +515,8 @@ def test_bad_flag_is_one_line_and_exit_2(flags, message, capsys):
 
 @pytest.mark.parametrize("flags, message", [
     (["--env", "CartPol-v1"], "Did you mean: `CartPole`"),
-    (["--env", "Pendulum-v1"], "is not Discrete"),
+    (["--env", "MatrixAction-v0"], "is neither Discrete nor a 1-D Box"),
+    (["--eval", "discrete_pendulum.pth"], "does not fit Pendulum-v1's observation and action spaces"),
     (["--eval", "missing.pth"], "no such file"),
     (["--resume", "not_a_checkpoint.pth"], "not readable as an a3c.py checkpoint"),
     (["--save", "no/such/folder/model.pth"], "cannot write in"),
@@ -409,15 +527,16 @@ def test_bad_input_is_one_line_and_exit_2(flags, message, tmp_path, monkeypatch,
     monkeypatch.chdir(tmp_path)
     (tmp_path / "not_a_checkpoint.pth").write_bytes(b"this is not a checkpoint")
     save_small_checkpoint(tmp_path / "cartpole.pth")
+    save_small_checkpoint(tmp_path / "discrete_pendulum.pth", env="Pendulum-v1", model=a3c.ActorCritic(3, 1, 16))
     assert a3c.main(flags) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("a3c.py: error: ") and message in err, err
 
 
-def save_small_checkpoint(path, steps=0):
-    args = a3c.parse_args(["--hidden", "16"])
+def save_small_checkpoint(path, steps=0, env="CartPole-v1", model=None):
+    args = a3c.parse_args(["--hidden", "16", "--env", env, "--target-return", "-200"])
     a3c.prepare(args)
-    model = a3c.ActorCritic(4, 2, 16)
+    model = model or a3c.ActorCritic(4, 2, 16)
     assert a3c.save_checkpoint(str(path), model, torch.optim.Adam(model.parameters()), args, steps, 0, [])
     return model
 
@@ -447,10 +566,10 @@ def test_checkpoint_refuses_non_finite_weights(tmp_path):
     path = tmp_path / "model.pth"
     model = save_small_checkpoint(path)
     with torch.no_grad():
-        model.policy.weight[0, 0] = float("nan")
+        model.policy.out.weight[0, 0] = float("nan")
     args = a3c.parse_args([])
     assert not a3c.save_checkpoint(str(path), model, torch.optim.Adam(model.parameters()), args, 1, 1, [])
-    assert torch.isfinite(a3c.load_checkpoint(str(path))["model"]["policy.weight"]).all()
+    assert torch.isfinite(a3c.load_checkpoint(str(path))["model"]["policy.out.weight"]).all()
 
 
 def test_non_finite_loss_stops_the_worker():
