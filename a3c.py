@@ -118,9 +118,10 @@ def make_env(env_id, seed=None, render_mode=None):
 
     The TimeLimit wrapper stays on: it is what tells a time-limit truncation from a real termination.
     RecordEpisodeStatistics puts the episode's return and length in info["episode"] when it ends.
-    A Box action is clipped to the action space's bounds on its way into the env (ClipAction), while the
-    rollout keeps the sampled action: the loss needs log pi of what the Gaussian actually drew, and the
-    clipped value has no density under it. An unbounded dimension (inf bounds) passes through as sampled.
+    Box actions: the policy acts in [-1, 1] in every dimension and RescaleAction maps that box onto the
+    env's bounds, so one Gaussian suits any bounds. A sample outside the box is clipped on its way into
+    the env (ClipAction), while the rollout keeps the sampled action: the loss needs log pi of what the
+    Gaussian drew, and the clipped value has no density under it (clipping in the loss would bias it).
     """
     env = gym.wrappers.RecordEpisodeStatistics(gym.make(env_id, render_mode=render_mode))
     obs_space, action_space = env.observation_space, env.action_space
@@ -128,7 +129,12 @@ def make_env(env_id, seed=None, render_mode=None):
         env.close()
         raise ValueError(f"{env_id}: observation space {obs_space} is not a 1-D Box")
     if isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1:
-        env = gym.wrappers.ClipAction(env)
+        if not (np.isfinite(action_space.low).all() and np.isfinite(action_space.high).all()):
+            env.close()
+            raise ValueError(f"{env_id}: action space {action_space} has infinite bounds, which cannot be "
+                             f"scaled to [-1, 1]")
+        box = np.ones(action_space.shape, action_space.dtype)
+        env = gym.wrappers.ClipAction(gym.wrappers.RescaleAction(env, -box, box))
     elif not isinstance(action_space, gym.spaces.Discrete):
         env.close()
         raise ValueError(f"{env_id}: action space {action_space} is neither Discrete nor a 1-D Box")
@@ -197,11 +203,13 @@ class CategoricalHead(nn.Module):
 
 
 class GaussianHead(nn.Module):
-    """Box actions: a ~ N(mean(s), sigma^2) in each dimension, the mean from the torso.
+    """Box actions, scaled to [-1, 1] by make_env: a ~ N(mean(s), sigma^2) in each dimension.
 
-    log sigma is one free parameter per dimension rather than a head: the paper learns a variance per
-    state, but a state-free sigma is trained by every sample, cannot collapse on rarely visited states,
-    and is the choice that trains reliably in today's libraries (Stable-Baselines3, CleanRL).
+    The mean is tanh-bounded inside the box. Unbounded, it can drift outside (seen here on Pendulum:
+    means near 8 for a box of 1), where every sample clips to the same action and the policy gradient no
+    longer tells which way to go. log sigma is one free parameter per dimension rather than a head: the
+    paper learns a variance per state, but a state-free sigma is trained by every sample, cannot collapse
+    on rarely visited states, and is the choice that trains reliably in Stable-Baselines3 and CleanRL.
     """
     action_dtype = np.float32
 
@@ -212,7 +220,7 @@ class GaussianHead(nn.Module):
         self.action_shape = (action_dims,)
 
     def forward(self, h):
-        return self.out(h)  # [B, D] means
+        return torch.tanh(self.out(h))  # [B, D] means, inside the box
 
     def log_prob_entropy(self, mean, actions):
         return gaussian_log_prob_entropy(mean, self.log_std, actions)

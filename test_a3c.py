@@ -264,15 +264,18 @@ def test_gaussian_head_samples_around_the_mean_and_plays_the_mean():
         model.policy.log_std.copy_(torch.tensor([0.0, np.log(0.5)]))
     actions = a3c.sample_actions(model, np.zeros((20000, 2), np.float32), np.random.default_rng(0))
     assert actions.dtype == np.float32 and actions.shape == (20000, 2)
-    np.testing.assert_allclose(actions.mean(0), [1.0, -3.0], atol=0.03)
+    np.testing.assert_allclose(actions.mean(0), np.tanh([1.0, -3.0]), atol=0.03)  # means bounded by tanh
     np.testing.assert_allclose(actions.std(0), [1.0, 0.5], rtol=0.03)
-    np.testing.assert_array_equal(model.policy.mode(np.array([[1.0, -3.0]], np.float32)), [[1.0, -3.0]])
+    with torch.inference_mode():
+        mean, _ = model(torch.zeros(1, 2))
+    np.testing.assert_allclose(mean.numpy(), np.tanh([[1.0, -3.0]]), rtol=1e-6)
+    np.testing.assert_array_equal(model.policy.mode(mean.numpy()), mean.numpy())  # --eval plays the mean
 
 
 class RecordingBoxEnv(gym.Env):
-    """Actions in [-1, 1] x [-inf, inf]; records every action it receives."""
+    """Actions in [-1, 1] x [0, 4]; records every action it receives."""
     observation_space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)
-    action_space = gym.spaces.Box(np.array([-1.0, -np.inf], np.float32), np.array([1.0, np.inf], np.float32))
+    action_space = gym.spaces.Box(np.array([-1.0, 0.0], np.float32), np.array([1.0, 4.0], np.float32))
 
     def __init__(self, render_mode=None):
         self.received = []
@@ -290,23 +293,35 @@ class MatrixActionEnv(RecordingBoxEnv):
     action_space = gym.spaces.Box(-1.0, 1.0, (2, 2), np.float32)
 
 
+class UnboundedActionEnv(RecordingBoxEnv):
+    action_space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)
+
+
 gym.register("RecordingBox-v0", entry_point=RecordingBoxEnv, disable_env_checker=True)
 gym.register("MatrixAction-v0", entry_point=MatrixActionEnv, disable_env_checker=True)
+gym.register("UnboundedAction-v0", entry_point=UnboundedActionEnv, disable_env_checker=True)
 
 
 def test_box_actions_reach_the_env_clipped_while_the_rollout_keeps_the_samples():
     env = a3c.make_env("RecordingBox-v0", seed=0)
     model = a3c.ActorCritic(2, 2, hidden=8, continuous=True)
     with torch.no_grad():
-        model.policy.log_std.fill_(np.log(3.0))  # sigma 3: most samples fall outside [-1, 1]
+        model.policy.log_std.fill_(np.log(3.0))  # sigma 3: most samples fall outside the policy's box [-1, 1]
     obs = np.stack([env.reset(seed=0)[0]])
     rollouts = a3c.collect_rollouts([env], model, obs, 20, np.random.default_rng(0))
     sampled = np.concatenate([r.actions for r in rollouts])  # [20, 2]
     received = np.stack(env.unwrapped.received)
     assert sampled.dtype == np.float32 and sampled.shape == (20, 2)
-    assert np.abs(sampled[:, 0]).max() > 1.0  # the rollout keeps the out-of-bounds samples ...
-    np.testing.assert_array_equal(received[:, 0], np.clip(sampled[:, 0], -1.0, 1.0))  # ... the env sees them clipped
-    np.testing.assert_array_equal(received[:, 1], sampled[:, 1])  # an unbounded dimension passes as sampled
+    assert np.abs(sampled).max() > 1.0  # the rollout keeps the out-of-bounds samples ...
+    # ... while the env sees them clipped to [-1, 1], then mapped onto its own bounds
+    np.testing.assert_allclose(received[:, 0], np.clip(sampled[:, 0], -1.0, 1.0), rtol=1e-6)
+    np.testing.assert_allclose(received[:, 1], 2.0 * (np.clip(sampled[:, 1], -1.0, 1.0) + 1.0), rtol=1e-6)
+    assert received[:, 1].min() >= 0.0 and received[:, 1].max() <= 4.0
+
+
+def test_infinite_action_bounds_are_refused():
+    with pytest.raises(ValueError, match="infinite bounds"):
+        a3c.make_env("UnboundedAction-v0")
 
 
 # --- SharedAdam ---------------------------------------------------------------------------------------
@@ -516,6 +531,7 @@ def test_bad_flag_is_one_line_and_exit_2(flags, message, capsys):
 @pytest.mark.parametrize("flags, message", [
     (["--env", "CartPol-v1"], "Did you mean: `CartPole`"),
     (["--env", "MatrixAction-v0"], "is neither Discrete nor a 1-D Box"),
+    (["--env", "UnboundedAction-v0", "--target-return", "0"], "has infinite bounds"),
     (["--eval", "discrete_pendulum.pth"], "does not fit Pendulum-v1's observation and action spaces"),
     (["--eval", "missing.pth"], "no such file"),
     (["--resume", "not_a_checkpoint.pth"], "not readable as an a3c.py checkpoint"),
