@@ -6,10 +6,13 @@ Two ways to run the workers in parallel:
   --mode data      workers only act and send their rollouts to one learner, the main process, which
                    batches them, computes the gradient and publishes the new weights.
 Each worker steps --envs-per-worker environments together (one forward pass chooses all their actions);
-with 1 it is the paper's one-environment actor-learner. Only --workers 1 --mode gradient is reproducible.
+with 1 it is the paper's one-environment actor-learner. One worker stepping N envs in lockstep, with one
+batched update and no asynchrony, is A2C. Only --workers 1 --mode gradient is reproducible. Discrete
+actions get a softmax policy, Box actions a Gaussian one: the action space picks the head, nothing else.
 
     python a3c.py --workers 4 --mode gradient
     python a3c.py --workers 2 --mode data --seed 1
+    python a3c.py --env Pendulum-v1 --target-return -200 --workers 2 --gamma 0.95 --lr 0.001
 
 References: Mnih et al. 2016, "Asynchronous Methods for Deep Reinforcement Learning", arXiv:1602.01783
 (Algorithm S3); Recht et al. 2011, "Hogwild!", arXiv:1106.5730.
@@ -101,6 +104,8 @@ def parse_args(argv=None):
                         "(default: the env's reward_threshold)")
     p.add_argument("--log-interval", type=positive, default=2.0, help="seconds between progress lines")
     p.add_argument("--log-csv", type=str, default=None, help="write one row per finished episode to this CSV")
+    p.add_argument("--tensorboard", type=str, default=None, metavar="DIR",
+                   help="write TensorBoard event files to DIR (needs: pip install tensorboard)")
     p.add_argument("--save", type=str, default="a3c_model.pth", help="checkpoint written during and after training")
     p.add_argument("--save-every", type=positive, default=60.0, help="seconds between checkpoints")
     p.add_argument("--resume", type=str, default=None, metavar="PATH", help="continue training from a checkpoint")
@@ -331,13 +336,25 @@ def a3c_loss(log_probs, entropy, values, returns, value_coef, entropy_coef):
     policy and the critic learns from the value loss alone (Mnih et al. 2016, Alg. S3).
     We average over steps instead of summing as Alg. S3 does: the gradient's scale, and so the right
     learning rate, then does not depend on the rollout length or on how many rollouts are batched.
+    Returns the loss and its three terms, detached, for monitoring.
     """
     T = log_probs.shape[0]
     assert log_probs.shape == entropy.shape == values.shape == returns.shape == (T,)
     advantages = (returns - values).detach()  # [T]
     policy_loss = -(log_probs * advantages).mean()
     value_loss = 0.5 * (returns - values).pow(2).mean()
-    return policy_loss + value_coef * value_loss - entropy_coef * entropy.mean()
+    entropy = entropy.mean()
+    loss = policy_loss + value_coef * value_loss - entropy_coef * entropy
+    return loss, {"policy_loss": policy_loss.detach(), "value_loss": value_loss.detach(), "entropy": entropy.detach()}
+
+
+def explained_variance(values, returns):
+    """1 - Var(R - V) / Var(R) over a batch: 1 when V(s) predicts the returns exactly, 0 when it does no
+    better than their mean, negative when worse; nan when the returns do not vary. Args: [T], [T]."""
+    variance = returns.var(correction=0)
+    if variance == 0:
+        return torch.tensor(float("nan"))
+    return 1 - (returns - values).var(correction=0) / variance
 
 
 # --- 6. Rollouts -----------------------------------------------------------------------------------
@@ -422,7 +439,8 @@ def rollout_loss(model, rollouts, gamma, value_coef, entropy_coef, reward_scale=
     returns = torch.cat([n_step_returns(r.rewards * reward_scale, b, gamma)
                          for r, b in zip(rollouts, bootstrap_values)])
     log_probs, entropy = model.policy.log_prob_entropy(head_out, actions)
-    return a3c_loss(log_probs, entropy, values, returns, value_coef, entropy_coef)
+    loss, stats = a3c_loss(log_probs, entropy, values, returns, value_coef, entropy_coef)
+    return loss, {**stats, "explained_variance": explained_variance(values.detach(), returns)}
 
 
 def check_finite(loss):
@@ -432,6 +450,31 @@ def check_finite(loss):
 
 
 # --- 7. Workers ------------------------------------------------------------------------------------
+
+class UpdateStats:
+    """Sums of per-update statistics, so that a worker sends their means now and then, not every update.
+
+    Explained variance is nan for a batch whose returns do not vary; each statistic counts its finite
+    values only.
+    """
+    NAMES = ("policy_loss", "value_loss", "entropy", "explained_variance", "grad_norm")
+
+    def __init__(self):
+        self.sums, self.counts = np.zeros(len(self.NAMES)), np.zeros(len(self.NAMES), dtype=np.int64)
+
+    def add(self, update):
+        values = np.array([float(update[name]) for name in self.NAMES])
+        finite = np.isfinite(values)
+        self.sums[finite] += values[finite]
+        self.counts += finite
+
+    def merge(self, other):
+        self.sums += other.sums
+        self.counts += other.counts
+
+    def means(self):
+        return {name: s / n for name, s, n in zip(self.NAMES, self.sums, self.counts) if n > 0}
+
 
 def sync_model(local_model, shared_model):
     """Copy the shared weights into the local model in place (no new tensors, no new network)."""
@@ -448,13 +491,15 @@ def hogwild_update(local_model, shared_model, optimizer, loss, max_grad_norm):
     local gradients and hand them over again on every update, so each step applies this loss alone.
     There is no lock: workers overwrite each other's updates now and then, which Hogwild (Recht et
     al. 2011) shows costs little, and which is how Mnih et al. 2016 ran A3C.
+    Returns the gradient's norm before clipping.
     """
     local_model.zero_grad()
     loss.backward()
-    nn.utils.clip_grad_norm_(local_model.parameters(), max_grad_norm)
+    grad_norm = nn.utils.clip_grad_norm_(local_model.parameters(), max_grad_norm)
     for local, shared in zip(local_model.parameters(), shared_model.parameters()):
         shared.grad = local.grad
     optimizer.step()
+    return grad_norm
 
 
 def worker_setup(rank, args):
@@ -500,17 +545,22 @@ def gradient_worker(rank, args, shared_model, optimizer, worker_steps, episode_q
     """Hogwild worker (Mnih et al. 2016, Alg. S3): act, compute the gradient, apply it to the shared model."""
     with reported_exit(rank, episode_queue):
         envs, local_model, obs, rng = worker_setup(rank, args)
+        stats, last_sent = UpdateStats(), time.monotonic()
         while not stop_event.is_set() and parent_alive(parent_pid):
             sync_model(local_model, shared_model)
             rollouts = collect_rollouts(envs, local_model, obs, args.n_steps, rng, rank=rank)
-            loss = rollout_loss(local_model, rollouts, args.gamma, args.value_coef, args.entropy_coef,
-                                args.reward_scale)
+            loss, update = rollout_loss(local_model, rollouts, args.gamma, args.value_coef, args.entropy_coef,
+                                        args.reward_scale)
             check_finite(loss)
-            hogwild_update(local_model, shared_model, optimizer, loss, args.max_grad_norm)
+            update["grad_norm"] = hogwild_update(local_model, shared_model, optimizer, loss, args.max_grad_norm)
+            stats.add(update)
             worker_steps[rank] += args.n_steps * len(envs)
             episodes = [(rank, *r.episode) for r in rollouts if r.episode is not None]
-            if episodes:
-                episode_queue.put(episodes)
+            # The statistics ride on the episode messages, summed over the updates in between; with no
+            # episode ending they still go out once a second, so long episodes do not hide them.
+            if episodes or time.monotonic() - last_sent >= 1.0:
+                episode_queue.put((episodes, stats))
+                stats, last_sent = UpdateStats(), time.monotonic()
 
 
 def data_worker(rank, args, shared_model, policy_version, worker_steps, rollout_queue, stop_event, parent_pid):
@@ -539,13 +589,15 @@ def learner_update(model, optimizer, rollouts, args):
 
     A3C has no off-policy correction: the actions were sampled by weights a few updates old (the
     policy lag), and the gradient treats them as on-policy. IMPALA's V-trace is the fix for large lags.
+    Returns the update's statistics: rollout_loss's and the gradient norm before clipping.
     """
-    loss = rollout_loss(model, rollouts, args.gamma, args.value_coef, args.entropy_coef, args.reward_scale)
+    loss, stats = rollout_loss(model, rollouts, args.gamma, args.value_coef, args.entropy_coef, args.reward_scale)
     check_finite(loss)
     optimizer.zero_grad()
     loss.backward()
-    nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    stats["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
     optimizer.step()
+    return stats
 
 
 # --- 9. Checkpoints ---------------------------------------------------------------------------------
@@ -600,19 +652,33 @@ def checkpoint_shape(checkpoint):
 # --- 10. Monitor and training loop -----------------------------------------------------------------
 
 class Monitor:
-    """Episode statistics, progress lines, the episode CSV and the stop criteria, the same in both modes."""
+    """Episode statistics, progress lines, the episode CSV, TensorBoard and the stop criteria, in both modes.
+
+    The main process is the only writer of the CSV and the event files: workers send what they measure.
+    """
 
     def __init__(self, args, steps=0, episodes=0, recent_returns=()):
         self.args = args
         self.recent = deque(recent_returns, maxlen=100)
-        self.episodes, self.start_steps = episodes, steps
+        self.episodes, self.start_steps, self.last_steps = episodes, steps, steps
         self.start = self.last_print = time.perf_counter()
-        self.lags = []
+        self.lags, self.stats = [], UpdateStats()
+        self.writer = None  # opened by open_tensorboard, once the workers run
         self.csv_file = open(args.log_csv, "a", newline="") if args.log_csv else None
         if self.csv_file is not None:
             self.csv = csv.writer(self.csv_file)
             if self.csv_file.tell() == 0:
                 self.csv.writerow(["wall_time", "steps", "worker", "return", "length"])
+
+    def open_tensorboard(self):
+        """Start the event-file writer, and record the run's flags as a table.
+
+        Called after the workers have started: the writer runs a thread, and fork copies no thread.
+        """
+        from torch.utils.tensorboard import SummaryWriter  # optional: prepare() checked that it imports
+        self.writer = SummaryWriter(self.args.tensorboard)
+        flags = "\n".join(f"| --{name.replace('_', '-')} | {value} |" for name, value in vars(self.args).items())
+        self.writer.add_text("flags", "| flag | value |\n| --- | --- |\n" + flags)
 
     def add_episode(self, rank, episode_return, length, steps):
         self.episodes += 1
@@ -620,6 +686,9 @@ class Monitor:
         if self.csv_file is not None:
             self.csv.writerow([f"{time.time():.3f}", steps, rank, episode_return, length])
             self.csv_file.flush()  # a learning curve can be plotted while training runs
+        if self.writer is not None:
+            self.writer.add_scalar("episode/return", episode_return, steps)
+            self.writer.add_scalar("episode/length", length, steps)
 
     def mean_return(self):
         return sum(self.recent) / len(self.recent) if self.recent else float("nan")
@@ -632,17 +701,31 @@ class Monitor:
                 or (self.args.max_steps is not None and steps >= self.args.max_steps))
 
     def progress(self, steps, force=False):
+        """Every --log-interval seconds: one line, and one TensorBoard point per statistic, each a mean over
+        the updates since the last time (so logging costs the same whatever the update rate)."""
         now = time.perf_counter()
         if not force and now - self.last_print < self.args.log_interval:
             return
-        self.last_print = now
         elapsed = now - self.start
+        means = self.stats.means()
         line = (f"episodes={self.episodes} steps={steps} steps_per_second={(steps - self.start_steps) / elapsed:.0f} "
                 f"mean_return={self.mean_return():.1f} seconds={elapsed:.1f}")
+        if "entropy" in means:  # a collapsing entropy or a critic that fits nothing shows here first
+            line += f" entropy={means['entropy']:.3f} explained_variance={means.get('explained_variance', math.nan):.2f}"
         if self.lags:
             line += f" mean_lag={sum(self.lags) / len(self.lags):.2f}"
-            self.lags.clear()
         print(line, flush=True)
+        if self.writer is not None:
+            for name, value in means.items():
+                self.writer.add_scalar(f"update/{name}", value, steps)
+            if now > self.last_print:
+                self.writer.add_scalar("speed/steps_per_second", (steps - self.last_steps) / (now - self.last_print),
+                                       steps)
+            if self.lags:
+                self.writer.add_scalar("data_mode/policy_lag", sum(self.lags) / len(self.lags), steps)
+        self.last_print, self.last_steps = now, steps
+        self.lags.clear()
+        self.stats = UpdateStats()
 
     def summary(self, steps):
         elapsed = time.perf_counter() - self.start
@@ -652,6 +735,8 @@ class Monitor:
     def close(self):
         if self.csv_file is not None:
             self.csv_file.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 class Stop(Exception):
@@ -744,7 +829,7 @@ def train(args, checkpoint=None):
 
     stop_event = ctx.Event()
     if args.mode == "gradient":
-        messages = ctx.Queue()  # lists of (rank, return, length), one per finished episode
+        messages = ctx.Queue()  # ([(rank, return, length) of each finished episode], UpdateStats)
         target, shared = gradient_worker, (shared_model, optimizer, worker_steps, messages)
     else:
         policy_version = ctx.Value("q", 0, lock=False)  # written by the learner alone
@@ -763,6 +848,8 @@ def train(args, checkpoint=None):
     try:
         for proc in processes:
             proc.start()
+        if args.tensorboard is not None:
+            monitor.open_tensorboard()
         batch, last_save = [], time.monotonic()
         while not monitor.done(global_step()):
             check_workers(processes)  # every time round: messages from the others keep arriving
@@ -771,8 +858,10 @@ def train(args, checkpoint=None):
             except queue.Empty:
                 message = None
             if args.mode == "gradient" and message is not None:
-                for episode in message:
+                episodes, stats = message
+                for episode in episodes:
                     monitor.add_episode(*episode, global_step())
+                monitor.stats.merge(stats)
             elif message is not None:
                 for rollout in message:
                     if rollout.episode is not None:
@@ -780,7 +869,7 @@ def train(args, checkpoint=None):
                 batch.append(message)
                 if len(batch) >= batch_size:
                     rollouts = [rollout for message in batch for rollout in message]
-                    learner_update(shared_model, optimizer, rollouts, args)
+                    monitor.stats.add(learner_update(shared_model, optimizer, rollouts, args))
                     monitor.lags.extend(policy_version.value - message[0].version for message in batch)
                     policy_version.value += 1
                     batch = []
@@ -798,10 +887,10 @@ def train(args, checkpoint=None):
         stop_event.set()
         stop_processes(processes, [messages])
         saved = outcome["save"] and save()
+        monitor.progress(global_step(), force=True)
         monitor.close()
         for s, handler in previous_handlers.items():
             signal.signal(s, handler)
-    monitor.progress(global_step(), force=True)
     return {**monitor.summary(global_step()), **outcome, "saved": saved}
 
 
@@ -871,6 +960,17 @@ def prepare(args):
         raise UsageError(f"checkpoint {path} does not fit {args.env}'s observation and action spaces")
     if args.target_return is None and not args.eval:
         raise UsageError(f"{args.env} has no reward_threshold: give --target-return")
+    if args.tensorboard is not None and not args.eval:
+        try:
+            import torch.utils.tensorboard  # noqa: F401  (optional: only this flag needs it)
+        except ImportError:
+            raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard")
+        try:
+            os.makedirs(args.tensorboard, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--tensorboard {args.tensorboard}: cannot create it ({e.strerror})")
+        if not os.access(args.tensorboard, os.W_OK):
+            raise UsageError(f"--tensorboard {args.tensorboard}: cannot write in it")
     if not args.eval:
         for flag, out in [("--save", args.save), ("--log-csv", args.log_csv)]:
             folder = os.path.dirname(os.path.abspath(out)) if out else None

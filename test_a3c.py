@@ -151,18 +151,23 @@ def test_rollout_loss_uses_bootstrap():
     """With zero logits and V = s[0], the loss is known in closed form: check the value part."""
     gamma = 0.5
     for rollout, bootstrap in [(make_rollout(4.0, 1, terminated=True), 0.0), (make_rollout(4.0, 1, truncated=True), 5.0)]:
-        loss = a3c.rollout_loss(value_is_first_coordinate, [rollout], gamma, value_coef=1.0, entropy_coef=0.0)
+        loss, stats = a3c.rollout_loss(value_is_first_coordinate, [rollout], gamma, value_coef=1.0, entropy_coef=0.0)
         expected_return = 1.0 + gamma * bootstrap
         # zero logits: log pi = log 0.5; policy term = -log(0.5) * (R - V)
         expected = -np.log(0.5) * (expected_return - 4.0) + 0.5 * (expected_return - 4.0) ** 2
         assert loss.item() == pytest.approx(expected, rel=1e-6)
+        # the terms reported for monitoring are the same pieces
+        assert stats["policy_loss"].item() == pytest.approx(-np.log(0.5) * (expected_return - 4.0), rel=1e-6)
+        assert stats["value_loss"].item() == pytest.approx(0.5 * (expected_return - 4.0) ** 2, rel=1e-6)
+        assert stats["entropy"].item() == pytest.approx(np.log(2), rel=1e-6)
+        assert np.isnan(stats["explained_variance"].item())  # one return: nothing to explain
 
 
 # --- loss signs ---------------------------------------------------------------------------------------
 
 def discrete_loss(logits, values, actions, returns, value_coef, entropy_coef):
     log_probs, entropy = a3c.categorical_log_prob_entropy(logits, actions)
-    return a3c.a3c_loss(log_probs, entropy, values, returns, value_coef, entropy_coef)
+    return a3c.a3c_loss(log_probs, entropy, values, returns, value_coef, entropy_coef)[0]
 
 
 def one_sgd_step(logits, values, actions, returns, value_coef=0.5, entropy_coef=0.0, lr=0.1):
@@ -239,7 +244,7 @@ def gaussian_sgd_step(advantage, entropy_coef=0.0, lr=0.1):
     """One SGD step on a one-step, one-dimension Gaussian policy: mean 0, sigma 1, sampled action 1."""
     mean, log_std = torch.zeros(1, 1, requires_grad=True), torch.zeros(1, requires_grad=True)
     log_probs, entropy = a3c.gaussian_log_prob_entropy(mean, log_std, torch.tensor([[1.0]]))
-    a3c.a3c_loss(log_probs, entropy, torch.zeros(1), torch.tensor([advantage]), 0.0, entropy_coef).backward()
+    a3c.a3c_loss(log_probs, entropy, torch.zeros(1), torch.tensor([advantage]), 0.0, entropy_coef)[0].backward()
     with torch.no_grad():
         return (mean - lr * mean.grad).item(), (log_std - lr * log_std.grad).item()
 
@@ -380,7 +385,7 @@ def fixed_rollout(continuous=False):
 def rollout_gradient(model, rollout):
     model = copy.deepcopy(model)
     model.zero_grad()
-    a3c.rollout_loss(model, [rollout], 0.99, 0.5, 0.01).backward()
+    a3c.rollout_loss(model, [rollout], 0.99, 0.5, 0.01)[0].backward()
     return [p.grad.clone() for p in model.parameters()]
 
 
@@ -394,7 +399,7 @@ def test_each_hogwild_update_applies_only_its_own_gradient(continuous):
     rollout = fixed_rollout(continuous)
     expected = rollout_gradient(local_model, rollout)
     for _ in range(3):
-        loss = a3c.rollout_loss(local_model, [rollout], 0.99, 0.5, 0.01)
+        loss, _ = a3c.rollout_loss(local_model, [rollout], 0.99, 0.5, 0.01)
         a3c.hogwild_update(local_model, shared_model, optimizer, loss, max_grad_norm=float("inf"))
         for p, g in zip(shared_model.parameters(), expected):
             torch.testing.assert_close(p.grad, g)
@@ -404,7 +409,7 @@ def child_applies_gradient(shared_model, optimizer, rollout):
     torch.set_num_threads(1)
     local_model = copy.deepcopy(shared_model)
     a3c.sync_model(local_model, shared_model)
-    loss = a3c.rollout_loss(local_model, [rollout], 0.99, 0.5, 0.01)
+    loss, _ = a3c.rollout_loss(local_model, [rollout], 0.99, 0.5, 0.01)
     a3c.hogwild_update(local_model, shared_model, optimizer, loss, max_grad_norm=float("inf"))
 
 
@@ -505,6 +510,72 @@ def test_single_worker_learns_cartpole(mode, tmp_path):
                     "--save", str(tmp_path / "model.pth"), timeout=150)
     assert match.group(1) == "yes", match.group(0)
     assert float(match.group(6)) >= 475
+
+
+# --- diagnostics: statistics, progress line, TensorBoard ------------------------------------------------
+
+def test_explained_variance_by_hand():
+    returns = torch.tensor([0.0, 2.0, 4.0])
+    assert a3c.explained_variance(returns.clone(), returns).item() == 1.0  # V predicts R exactly
+    assert a3c.explained_variance(torch.full((3,), 2.0), returns).item() == 0.0  # V is R's mean
+    # R - V = [0, 0, 2]: Var = 8/9 against Var(R) = 8/3, so 1 - 1/3
+    assert a3c.explained_variance(torch.tensor([0.0, 2.0, 2.0]), returns).item() == pytest.approx(2 / 3)
+    assert a3c.explained_variance(torch.tensor([4.0, 2.0, 0.0]), returns).item() == pytest.approx(-3.0)  # worse than the mean
+    assert np.isnan(a3c.explained_variance(torch.zeros(2), torch.ones(2)).item())  # returns that do not vary
+
+
+def test_update_stats_average_finite_values_and_merge():
+    stats, other = a3c.UpdateStats(), a3c.UpdateStats()
+    update = {"policy_loss": 1.0, "value_loss": 2.0, "entropy": 0.5, "explained_variance": 0.2, "grad_norm": 3.0}
+    stats.add(update)
+    stats.add({**update, "policy_loss": torch.tensor(3.0), "explained_variance": float("nan")})
+    other.add({**update, "grad_norm": 6.0})
+    stats.merge(other)
+    means = stats.means()
+    assert means["policy_loss"] == pytest.approx(5 / 3) and means["grad_norm"] == pytest.approx(4.0)
+    assert means["explained_variance"] == pytest.approx(0.2)  # the nan is left out, not averaged in
+    assert a3c.UpdateStats().means() == {}
+
+
+TENSORBOARD_SCALARS = {"episode/return", "episode/length", "update/policy_loss", "update/value_loss",
+                       "update/entropy", "update/explained_variance", "update/grad_norm", "speed/steps_per_second"}
+
+
+@pytest.mark.parametrize("mode", ["gradient", "data"])
+def test_tensorboard_event_files_hold_every_scalar(mode, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    logdir = tmp_path / "runs"
+    assert a3c.main(["--workers", "2", "--mode", mode, "--max-steps", "20000", "--log-interval", "0.2",
+                     "--tensorboard", str(logdir), "--save", str(tmp_path / "model.pth")]) == 0
+    assert SPAWN.active_children() == [] and multiprocessing.active_children() == []
+    lines = capsys.readouterr().out.splitlines()
+    assert any(re.search(r" entropy=[\d.]+ explained_variance=(-?[\d.]+|nan)", line) for line in lines), lines
+    events = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    expected = TENSORBOARD_SCALARS | ({"data_mode/policy_lag"} if mode == "data" else set())
+    assert expected <= set(events.Tags()["scalars"])
+    for tag in expected:
+        values = [event.value for event in events.Scalars(tag)]
+        assert values and all(np.isfinite(values)), tag
+    assert len(events.Scalars("update/entropy")) >= 2  # one point per --log-interval, not one per run
+    episodes = events.Scalars("episode/return")
+    assert len(episodes) >= 10 and [e.step for e in episodes] == sorted(e.step for e in episodes)
+    assert "flags/text_summary" in events.Tags()["tensors"]
+
+
+def test_tensorboard_missing_package_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now fails as if not installed
+    assert a3c.main(["--tensorboard", str(tmp_path / "runs"), "--save", str(tmp_path / "m.pth")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install tensorboard" in err, err
+    assert not (tmp_path / "m.pth").exists()
+
+
+def test_tensorboard_unwritable_dir_is_one_line_and_exit_2(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    assert a3c.main(["--tensorboard", str(tmp_path / "a_file" / "runs"), "--save", str(tmp_path / "m.pth")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--tensorboard" in err and "cannot create it" in err, err
 
 
 # --- operating it: bad input, checkpoints, signals, crashes -----------------------------------------
