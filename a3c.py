@@ -94,7 +94,7 @@ def parse_args(argv=None):
                    help="the critic learns the values of rewards times this (episode returns stay true)")
     p.add_argument("--max-grad-norm", type=positive, default=5.0, help="clip each update's gradient norm")
     p.add_argument("--hidden", type=positive_int, default=None,
-                   help="width of the two hidden layers (default: 64, or the checkpoint's)")
+                   help="width of the hidden layers (default: 64 for vectors, 256 for frames, or the checkpoint's)")
     p.add_argument("--batch-rollouts", type=positive_int, default=None,
                    help="data mode: worker rollouts per learner update (default: one per worker)")
     p.add_argument("--max-episodes", type=positive_int, default=None, help="stop after this many episodes")
@@ -127,12 +127,23 @@ def make_env(env_id, seed=None, render_mode=None):
     env's bounds, so one Gaussian suits any bounds. A sample outside the box is clipped on its way into
     the env (ClipAction), while the rollout keeps the sampled action: the loss needs log pi of what the
     Gaussian drew, and the clipped value has no density under it (clipping in the loss would bias it).
+    Image observations (uint8, H x W or H x W x C) get the standard preprocessing in pixels_to_frames.
     """
-    env = gym.wrappers.RecordEpisodeStatistics(gym.make(env_id, render_mode=render_mode))
+    kwargs = {}
+    if env_id.startswith("ALE/"):  # Atari: ale-py registers its ids when imported
+        try:
+            import ale_py
+        except ImportError:
+            raise ValueError(f"{env_id}: Atari needs ale-py: pip install 'gymnasium[atari]'") from None
+        gym.register_envs(ale_py)
+        kwargs["obs_type"] = "grayscale"  # ALE converts faster than numpy would
+    env = gym.wrappers.RecordEpisodeStatistics(gym.make(env_id, render_mode=render_mode, **kwargs))
     obs_space, action_space = env.observation_space, env.action_space
-    if not (isinstance(obs_space, gym.spaces.Box) and len(obs_space.shape) == 1):
+    if isinstance(obs_space, gym.spaces.Box) and obs_space.dtype == np.uint8 and len(obs_space.shape) in (2, 3):
+        env = pixels_to_frames(env)
+    elif not (isinstance(obs_space, gym.spaces.Box) and len(obs_space.shape) == 1):
         env.close()
-        raise ValueError(f"{env_id}: observation space {obs_space} is not a 1-D Box")
+        raise ValueError(f"{env_id}: observation space {obs_space} is neither a 1-D Box nor a uint8 image")
     if isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1:
         if not (np.isfinite(action_space.low).all() and np.isfinite(action_space.high).all()):
             env.close()
@@ -148,14 +159,49 @@ def make_env(env_id, seed=None, render_mode=None):
     return env
 
 
+FRAME_STACK = 4  # frames a pixel observation holds, so that it shows motion (Mnih et al. 2015)
+
+
+def pixels_to_frames(env):
+    """Grayscale, halve each side by averaging 2x2 blocks, stack the last FRAME_STACK frames; clip rewards.
+
+    As in DQN and A3C, but without OpenCV: ALE's 210x160 screen becomes 105x80, about as many pixels as
+    the usual 84x84. Frames stay uint8 (4 times smaller than float32 in rollouts and messages) until
+    the network divides them by 255. Rewards are clipped to [-1, 1] for learning only: the episode
+    return reported comes from RecordEpisodeStatistics, inside these wrappers, so it is the game's score.
+    ALE ids skip 4 frames themselves (frameskip=4 in v5), so no max-pooling over skipped frames here.
+    """
+    height, width = env.observation_space.shape[0] // 2, env.observation_space.shape[1] // 2
+
+    def downsample(pixels):
+        if pixels.ndim == 3:  # colour: luminance (ITU-R 601)
+            pixels = (pixels @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)
+        # the mean of each 2x2 block, in integers: 10 times faster than ndarray.mean, which costs more
+        # than the ALE step itself
+        pixels = pixels[:2 * height, :2 * width].astype(np.uint16)
+        total = pixels[0::2, 0::2] + pixels[1::2, 0::2] + pixels[0::2, 1::2] + pixels[1::2, 1::2]
+        return (total >> 2).astype(np.uint8)
+
+    env = gym.wrappers.ClipReward(env, -1.0, 1.0)
+    env = gym.wrappers.TransformObservation(env, downsample, gym.spaces.Box(0, 255, (height, width), np.uint8))
+    return gym.wrappers.FrameStackObservation(env, FRAME_STACK)
+
+
+def observation_batch(observations):
+    """Stack observations for the network: vectors become float32, frames stay uint8 until the network."""
+    obs = np.stack(observations)
+    return obs if obs.dtype == np.uint8 else obs.astype(np.float32)
+
+
 def model_shape(env):
     """What ActorCritic needs to know of an env, as its keyword arguments obs_size, n_actions, continuous.
 
+    obs_size is the length of a vector observation, or (channels, height, width) of stacked frames;
     n_actions is the number of choices for Discrete actions, the number of dimensions for Box actions.
     """
-    space = env.action_space
+    space, shape = env.action_space, env.observation_space.shape
     continuous = isinstance(space, gym.spaces.Box)
-    return {"obs_size": env.observation_space.shape[0], "continuous": continuous,
+    return {"obs_size": shape[0] if len(shape) == 1 else tuple(shape), "continuous": continuous,
             "n_actions": space.shape[0] if continuous else int(space.n)}
 
 
@@ -238,30 +284,51 @@ class GaussianHead(nn.Module):
         return mean
 
 
+class ConvTorso(nn.Module):
+    """Stacked uint8 frames [B, C, H, W] -> features [B, hidden], with the A3C paper's feed-forward network
+    (16 8x8 filters of stride 4, 32 4x4 of stride 2, one fully connected layer): cheap enough for a CPU."""
+
+    def __init__(self, frames_shape, hidden):
+        super().__init__()
+        self.convs = nn.Sequential(nn.Conv2d(frames_shape[0], 16, 8, stride=4), nn.ReLU(),
+                                   nn.Conv2d(16, 32, 4, stride=2), nn.ReLU(), nn.Flatten())
+        with torch.no_grad():
+            flat = self.convs(torch.zeros(1, *frames_shape)).shape[1]
+        self.fc = nn.Linear(flat, hidden)
+
+    def forward(self, frames):
+        return torch.relu(self.fc(self.convs(frames.float() / 255)))  # uint8 until here
+
+
 class ActorCritic(nn.Module):
     """A shared torso with a policy head and a value head V(s).
 
-    The action space picks the policy head, here and nowhere else: logits for Discrete actions, a
-    Gaussian's mean (and a learned sigma) for Box actions. Everything after this (sampling, the loss,
-    both workers, the learner, evaluation) goes through the head's sample, mode and log_prob_entropy.
+    Two choices, made here and nowhere else. The observation picks the torso: two tanh layers for a
+    vector, ConvTorso for stacked frames. The action space picks the policy head: logits for Discrete
+    actions, a Gaussian's mean (and a learned sigma) for Box actions. Everything after this (sampling,
+    the loss, both workers, the learner, evaluation) goes through the head's sample, mode and
+    log_prob_entropy.
     """
 
     def __init__(self, obs_size, n_actions, hidden=64, continuous=False):
         super().__init__()
-        self.hidden1 = nn.Linear(obs_size, hidden)
-        self.hidden2 = nn.Linear(hidden, hidden)
+        self.obs_size, self.hidden = obs_size, hidden
+        if isinstance(obs_size, int):
+            self.torso = nn.Sequential(nn.Linear(obs_size, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh())
+        else:
+            self.torso = ConvTorso(obs_size, hidden)
         self.policy = (GaussianHead if continuous else CategoricalHead)(hidden, n_actions)
         self.value = nn.Linear(hidden, 1)
         # Orthogonal init; a tiny policy layer starts the policy near uniform (or the Gaussian near mean 0),
         # maximal exploration, and a unit-scale value head lets V(s) reach the scale of the returns quickly.
-        for layer, gain in [(self.hidden1, math.sqrt(2)), (self.hidden2, math.sqrt(2)),
-                            (self.policy.out, 0.01), (self.value, 1.0)]:
+        torso = [(layer, math.sqrt(2)) for layer in self.torso.modules() if isinstance(layer, (nn.Linear, nn.Conv2d))]
+        for layer, gain in torso + [(self.policy.out, 0.01), (self.value, 1.0)]:
             nn.init.orthogonal_(layer.weight, gain)
             nn.init.zeros_(layer.bias)
 
     def forward(self, obs):
-        """obs [B, obs_size] float32 -> (policy head output [B, n_actions], value [B])."""
-        h = torch.tanh(self.hidden2(torch.tanh(self.hidden1(obs))))
+        """obs [B, obs_size] float32 or [B, C, H, W] uint8 -> (policy head output [B, n_actions], value [B])."""
+        h = self.torso(obs)
         return self.policy(h), self.value(h).squeeze(-1)
 
 
@@ -361,10 +428,10 @@ def explained_variance(values, returns):
 
 class Rollout(NamedTuple):
     """Consecutive transitions of one episode in one env, as numpy arrays (cheap to pickle)."""
-    obs: np.ndarray         # [T, obs_size] float32: s_0 .. s_{T-1}
+    obs: np.ndarray         # [T, obs_size] float32 or [T, C, H, W] uint8 frames: s_0 .. s_{T-1}
     actions: np.ndarray     # [T] int64 (Discrete) or [T, D] float32 (Box, as sampled: not clipped)
     rewards: np.ndarray     # [T] float32
-    final_obs: np.ndarray   # [obs_size]: s_T, the state to bootstrap from unless terminated
+    final_obs: np.ndarray   # one observation: s_T, the state to bootstrap from unless terminated
     terminated: bool        # the MDP ended: R_T = 0
     truncated: bool         # a time limit cut the episode: R_T = V(s_T), like a rollout cut by n_steps
     episode: tuple          # (return, length) of the episode that ended in this rollout, else None
@@ -380,7 +447,7 @@ def collect_rollouts(envs, model, obs, n_steps, rng, version=0, rank=0):
     so a rollout never spans two episodes and only its last step can need a bootstrap. The env is then
     reset and its next rollout starts from the reset observation, which is never a bootstrap state.
     """
-    obs_buf = np.empty((n_steps, *obs.shape), dtype=np.float32)  # [n_steps, K, obs_size]
+    obs_buf = np.empty((n_steps, *obs.shape), dtype=obs.dtype)  # [n_steps, K, obs_size] (or K, C, H, W)
     actions = np.empty((n_steps, len(envs), *model.policy.action_shape), dtype=model.policy.action_dtype)
     rewards = np.empty((n_steps, len(envs)), dtype=np.float32)
     starts = [0] * len(envs)  # where each env's open rollout began
@@ -394,7 +461,7 @@ def collect_rollouts(envs, model, obs, n_steps, rng, version=0, rank=0):
                 episode = (float(info["episode"]["r"]), int(info["episode"]["l"]))
                 piece = slice(starts[k], t + 1)
                 rollouts.append(Rollout(obs_buf[piece, k], actions[piece, k], rewards[piece, k],
-                                        np.array(next_obs, dtype=np.float32), terminated, truncated, episode,
+                                        np.array(next_obs, dtype=obs.dtype), terminated, truncated, episode,
                                         version, rank))
                 next_obs, _ = env.reset()
                 starts[k] = t + 1
@@ -414,7 +481,7 @@ def assemble_batch(model, rollouts):
     the rollouts' lengths, and for each rollout the value R_T its returns start from: 0 if the episode terminated,
     else V(s_T) of its final observation (a time-limit truncation or a cut by n_steps), without gradient.
     """
-    obs = torch.from_numpy(np.concatenate([np.vstack([r.obs, r.final_obs]) for r in rollouts]))
+    obs = torch.from_numpy(np.concatenate([np.concatenate([r.obs, r.final_obs[None]]) for r in rollouts]))
     head_out, values = model(obs)  # [sum(T+1), A], [sum(T+1)]: states s_0 .. s_T of every rollout
     keep, bootstrap_values, start = [], [], 0
     for r in rollouts:
@@ -512,7 +579,7 @@ def worker_setup(rank, args):
     # env k of worker i starts from seed + i + k * workers: with one env per worker, worker i uses seed + i
     seeds = [args.seed + rank + k * args.workers for k in range(args.envs_per_worker)]
     envs = [make_env(args.env, seed) for seed in seeds]
-    obs = np.stack([np.asarray(env.reset(seed=seed)[0], dtype=np.float32) for env, seed in zip(envs, seeds)])
+    obs = observation_batch([env.reset(seed=seed)[0] for env, seed in zip(envs, seeds)])
     model = ActorCritic(**model_shape(envs[0]), hidden=args.hidden)
     return envs, model, obs, rng
 
@@ -602,7 +669,7 @@ def learner_update(model, optimizer, rollouts, args):
 
 # --- 9. Checkpoints ---------------------------------------------------------------------------------
 
-CHECKPOINT_FORMAT = "a3c.py checkpoint v1"
+CHECKPOINT_FORMAT = "a3c.py checkpoint v2"  # v2: torso and policy head as modules, any action space
 
 
 def save_checkpoint(path, model, optimizer, args, steps, episodes, recent_returns):
@@ -612,8 +679,8 @@ def save_checkpoint(path, model, optimizer, args, steps, episodes, recent_return
     """
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         return False
-    checkpoint = {"format": CHECKPOINT_FORMAT, "env": args.env, "obs_size": model.hidden1.in_features,
-                  "n_actions": model.policy.out.out_features, "hidden": model.hidden1.out_features,
+    checkpoint = {"format": CHECKPOINT_FORMAT, "env": args.env, "obs_size": model.obs_size,
+                  "n_actions": model.policy.out.out_features, "hidden": model.hidden,
                   "continuous": isinstance(model.policy, GaussianHead),
                   "model": model.state_dict(), "optimizer": optimizer.state_dict(), "args": vars(args),
                   "steps": steps, "episodes": episodes, "recent_returns": list(recent_returns)}
@@ -646,7 +713,7 @@ def load_checkpoint(path):
 def checkpoint_shape(checkpoint):
     """What the checkpoint's model was built for, as model_shape gives it for an env."""
     return {"obs_size": checkpoint["obs_size"], "n_actions": checkpoint["n_actions"],
-            "continuous": checkpoint.get("continuous", False)}
+            "continuous": checkpoint["continuous"]}
 
 
 # --- 10. Monitor and training loop -----------------------------------------------------------------
@@ -913,7 +980,7 @@ def evaluate(args, checkpoint):
         done = False
         while not done:
             with torch.inference_mode():  # the most probable action: argmax, or the Gaussian's mean
-                head_out, _ = model(torch.as_tensor(obs, dtype=torch.float32).unsqueeze(0))
+                head_out, _ = model(torch.from_numpy(observation_batch([obs])))
             obs, _, terminated, truncated, info = env.step(model.policy.mode(head_out.numpy())[0])
             done = terminated or truncated
         returns.append(float(info["episode"]["r"]))
@@ -944,7 +1011,6 @@ def prepare(args):
             raise UsageError(f"checkpoint {path} has --hidden {checkpoint['hidden']}, not {args.hidden}")
         args.env, args.hidden = checkpoint["env"], checkpoint["hidden"]
     args.env = args.env or "CartPole-v1"
-    args.hidden = args.hidden or 64
     try:
         env = make_env(args.env)
     except gym.error.Error as e:
@@ -952,8 +1018,9 @@ def prepare(args):
         hint = f" (close matches: {', '.join(close)})" if close and "did you mean" not in str(e).lower() else ""
         raise UsageError(f"environment {args.env!r}: {e}{hint}")
     except ValueError as e:
-        raise UsageError(f"environment {e}; this file supports 1-D Box observations with Discrete or 1-D Box actions")
+        raise UsageError(f"environment {e}")
     shape = model_shape(env)
+    args.hidden = args.hidden or (64 if isinstance(shape["obs_size"], int) else 256)
     if args.target_return is None:
         args.target_return = env.spec.reward_threshold
     env.close()
