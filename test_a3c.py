@@ -503,10 +503,12 @@ def test_single_worker_learns_cartpole(mode, tmp_path):
     Reliable by construction: the budget is in env steps, not seconds, so a busy machine makes the test
     slower but not flaky. One worker in gradient mode is deterministic for a seed; data mode is not (the
     learner and the worker race), so its budget has the wide margin: on this 2-core machine seeds 1-5
-    solved in 70k-85k steps (gradient) and 71k-89k (data), and the budget is 300k. The timeout only
-    guards against a hang.
+    solved in 70k-85k steps (gradient) and 71k-89k (data). Data mode can still fall into a collapse and
+    climb out of it (seen once in this suite's history at over 300k steps, against 70k-101k in five
+    repeats of seed 1), so the budget is 800k, about 35 s at data mode's speed. The timeout only guards
+    against a hang.
     """
-    match = run_cli("--workers", "1", "--mode", mode, "--seed", "1", "--max-steps", "300000",
+    match = run_cli("--workers", "1", "--mode", mode, "--seed", "1", "--max-steps", "800000",
                     "--save", str(tmp_path / "model.pth"), timeout=150)
     assert match.group(1) == "yes", match.group(0)
     assert float(match.group(6)) >= 475
