@@ -8,7 +8,9 @@ Two ways to run the workers in parallel:
 Each worker steps --envs-per-worker environments together (one forward pass chooses all their actions);
 with 1 it is the paper's one-environment actor-learner. One worker stepping N envs in lockstep, with one
 batched update and no asynchrony, is A2C. Only --workers 1 --mode gradient is reproducible. Discrete
-actions get a softmax policy, Box actions a Gaussian one: the action space picks the head, nothing else.
+actions get a softmax policy, Box actions a Gaussian one: the action space picks the head; vectors get an
+MLP torso, images (Atari) stacked frames and a conv torso: the observation picks the torso. Nothing else
+branches on either.
 
     python a3c.py --workers 4 --mode gradient
     python a3c.py --workers 2 --mode data --seed 1
