@@ -428,52 +428,95 @@ def explained_variance(values, returns):
 
 # --- 6. Rollouts -----------------------------------------------------------------------------------
 
+class StepBuffer(NamedTuple):
+    """Where a worker writes the n_steps x K transitions of one update, reused update after update.
+
+    In data mode the learner allocates a few per worker in shared memory before the workers start, so
+    a rollout crosses the pipe as a Segment (where it lies, a few numbers) instead of pickled frames:
+    about 2 MB per message for 8 Atari envs x 5 steps, against a few hundred bytes (monobeast's design).
+    Fields are torch tensors, which can be handed to a spawned process as shared memory; numpy() gives
+    the views the acting loop writes through.
+    """
+    obs: torch.Tensor        # [n_steps, K, obs_size] float32 or [n_steps, K, C, H, W] uint8: s_t
+    actions: torch.Tensor    # [n_steps, K] int64 or [n_steps, K, D] float32, as sampled
+    rewards: torch.Tensor    # [n_steps, K] float32
+    final_obs: torch.Tensor  # like obs: s_{t+1} at [t, k] when env k's rollout ends after step t
+
+    def numpy(self):
+        return StepBuffer(*(field.numpy() for field in self))
+
+
+def step_buffer(model, n_steps, n_envs, shared=False):
+    """A StepBuffer for the observations and actions of this model, in shared memory if shared."""
+    frames = not isinstance(model.obs_size, int)  # frames stay uint8 (observation_batch)
+    obs_shape, obs_dtype = (model.obs_size, torch.uint8) if frames else ((model.obs_size,), torch.float32)
+    action_dtype = torch.from_numpy(np.empty(0, model.policy.action_dtype)).dtype
+    buffer = StepBuffer(torch.zeros(n_steps, n_envs, *obs_shape, dtype=obs_dtype),
+                        torch.zeros(n_steps, n_envs, *model.policy.action_shape, dtype=action_dtype),
+                        torch.zeros(n_steps, n_envs),
+                        torch.zeros(n_steps, n_envs, *obs_shape, dtype=obs_dtype))
+    return StepBuffer(*(field.share_memory_() for field in buffer)) if shared else buffer
+
+
+class Segment(NamedTuple):
+    """One rollout's place in a StepBuffer: env k's steps start .. stop - 1, and how it ended."""
+    env: int
+    start: int
+    stop: int
+    terminated: bool  # the MDP ended: R_T = 0
+    truncated: bool   # a time limit cut the episode: R_T = V(s_T), like a rollout cut by n_steps
+    episode: tuple    # (return, length) of the episode that ended with this rollout, else None
+
+
 class Rollout(NamedTuple):
-    """Consecutive transitions of one episode in one env, as numpy arrays (cheap to pickle)."""
+    """Consecutive transitions of one episode in one env: what the loss reads."""
     obs: np.ndarray         # [T, obs_size] float32 or [T, C, H, W] uint8 frames: s_0 .. s_{T-1}
     actions: np.ndarray     # [T] int64 (Discrete) or [T, D] float32 (Box, as sampled: not clipped)
     rewards: np.ndarray     # [T] float32
     final_obs: np.ndarray   # one observation: s_T, the state to bootstrap from unless terminated
-    terminated: bool        # the MDP ended: R_T = 0
-    truncated: bool         # a time limit cut the episode: R_T = V(s_T), like a rollout cut by n_steps
+    terminated: bool
+    truncated: bool
     episode: tuple          # (return, length) of the episode that ended in this rollout, else None
     version: int = 0        # data mode: the policy version that chose the actions
     rank: int = 0           # the worker that collected it
 
 
-def collect_rollouts(envs, model, obs, n_steps, rng, version=0, rank=0):
-    """Act n_steps in each of a worker's envs, choosing all their actions in one forward pass.
+def collect_segments(envs, model, obs, buffer, rng):
+    """Act buffer's n_steps in each of a worker's envs, choosing all their actions in one forward pass.
 
-    obs [K, obs_size] holds each env's current observation and is updated in place. Returns a list of
-    Rollouts, one per env and per episode piece: an episode that ends closes its env's rollout there,
-    so a rollout never spans two episodes and only its last step can need a bootstrap. The env is then
-    reset and its next rollout starts from the reset observation, which is never a bootstrap state.
+    obs [K, obs_size] holds each env's current observation and is updated in place; the transitions go
+    into buffer (numpy views). Returns the Segments, one per env and per episode piece: an episode that
+    ends closes its env's rollout there, so a rollout never spans two episodes and only its last step
+    can need a bootstrap. The env is then reset and its next rollout starts from the reset observation,
+    which is never a bootstrap state: the episode's own last observation is kept in final_obs.
     """
-    obs_buf = np.empty((n_steps, *obs.shape), dtype=obs.dtype)  # [n_steps, K, obs_size] (or K, C, H, W)
-    actions = np.empty((n_steps, len(envs), *model.policy.action_shape), dtype=model.policy.action_dtype)
-    rewards = np.empty((n_steps, len(envs)), dtype=np.float32)
+    n_steps = len(buffer.obs)
     starts = [0] * len(envs)  # where each env's open rollout began
-    rollouts = []
+    segments = []
     for t in range(n_steps):
-        obs_buf[t] = obs
-        actions[t] = sample_actions(model, obs, rng)
+        buffer.obs[t] = obs
+        buffer.actions[t] = sample_actions(model, obs, rng)
         for k, env in enumerate(envs):
-            next_obs, rewards[t, k], terminated, truncated, info = env.step(actions[t, k])
+            next_obs, buffer.rewards[t, k], terminated, truncated, info = env.step(buffer.actions[t, k])
             if terminated or truncated:
                 episode = (float(info["episode"]["r"]), int(info["episode"]["l"]))
-                piece = slice(starts[k], t + 1)
-                rollouts.append(Rollout(obs_buf[piece, k], actions[piece, k], rewards[piece, k],
-                                        np.array(next_obs, dtype=obs.dtype), terminated, truncated, episode,
-                                        version, rank))
+                buffer.final_obs[t, k] = next_obs
+                segments.append(Segment(k, starts[k], t + 1, terminated, truncated, episode))
                 next_obs, _ = env.reset()
                 starts[k] = t + 1
             obs[k] = next_obs
     for k in range(len(envs)):  # rollouts cut by n_steps: bootstrap from the current observation
         if starts[k] < n_steps:
-            piece = slice(starts[k], n_steps)
-            rollouts.append(Rollout(obs_buf[piece, k], actions[piece, k], rewards[piece, k], obs[k].copy(),
-                                    False, False, None, version, rank))
-    return rollouts
+            buffer.final_obs[n_steps - 1, k] = obs[k]
+            segments.append(Segment(k, starts[k], n_steps, False, False, None))
+    return segments
+
+
+def rollouts_in(buffer, segments, version=0, rank=0):
+    """The Rollouts that segments mark out in a StepBuffer (numpy views), as views: nothing is copied."""
+    return [Rollout(buffer.obs[s.start:s.stop, s.env], buffer.actions[s.start:s.stop, s.env],
+                    buffer.rewards[s.start:s.stop, s.env], buffer.final_obs[s.stop - 1, s.env],
+                    s.terminated, s.truncated, s.episode, version, rank) for s in segments]
 
 
 def assemble_batch(model, rollouts):
@@ -614,17 +657,18 @@ def gradient_worker(rank, args, shared_model, optimizer, worker_steps, episode_q
     """Hogwild worker (Mnih et al. 2016, Alg. S3): act, compute the gradient, apply it to the shared model."""
     with reported_exit(rank, episode_queue):
         envs, local_model, obs, rng = worker_setup(rank, args)
+        buffer = step_buffer(local_model, args.n_steps, len(envs)).numpy()
         stats, last_sent = UpdateStats(), time.monotonic()
         while not stop_event.is_set() and parent_alive(parent_pid):
             sync_model(local_model, shared_model)
-            rollouts = collect_rollouts(envs, local_model, obs, args.n_steps, rng, rank=rank)
-            loss, update = rollout_loss(local_model, rollouts, args.gamma, args.value_coef, args.entropy_coef,
-                                        args.reward_scale)
+            segments = collect_segments(envs, local_model, obs, buffer, rng)
+            loss, update = rollout_loss(local_model, rollouts_in(buffer, segments), args.gamma, args.value_coef,
+                                        args.entropy_coef, args.reward_scale)
             check_finite(loss)
             update["grad_norm"] = hogwild_update(local_model, shared_model, optimizer, loss, args.max_grad_norm)
             stats.add(update)
             worker_steps[rank] += args.n_steps * len(envs)
-            episodes = [(rank, *r.episode) for r in rollouts if r.episode is not None]
+            episodes = [(rank, *s.episode) for s in segments if s.episode is not None]
             # The statistics ride on the episode messages, summed over the updates in between; with no
             # episode ending they still go out once a second, so long episodes do not hide them.
             if episodes or time.monotonic() - last_sent >= 1.0:
@@ -632,23 +676,29 @@ def gradient_worker(rank, args, shared_model, optimizer, worker_steps, episode_q
                 stats, last_sent = UpdateStats(), time.monotonic()
 
 
-def data_worker(rank, args, shared_model, policy_version, worker_steps, rollout_queue, stop_event, parent_pid):
-    """Data-parallel worker: act with a fresh copy of the shared weights, send the rollouts to the learner."""
-    with reported_exit(rank, rollout_queue):
+def data_worker(rank, args, shared_model, policy_version, worker_steps, buffers, free_buffers, messages,
+                stop_event, parent_pid):
+    """Data-parallel worker: act with a fresh copy of the shared weights into a shared StepBuffer, and send
+    the learner (rank, buffer index, policy version, Segments): a message of a few hundred bytes."""
+    with reported_exit(rank, messages):
         envs, local_model, obs, rng = worker_setup(rank, args)
+        buffers = [buffer.numpy() for buffer in buffers]
+        sent = 0
         while not stop_event.is_set() and parent_alive(parent_pid):
+            # The learner hands a buffer back (releases free_buffers) once it has learned from it, in the
+            # order they were sent. With none free the worker waits: a slow learner holds the workers back
+            # instead of letting rollouts, and policy lag, pile up. The timeout keeps checking whether to stop.
+            if not free_buffers.acquire(timeout=0.1):
+                continue
+            index = sent % len(buffers)
             version = policy_version.value  # read first: the weights copied next are at least this new
             sync_model(local_model, shared_model)
-            rollouts = collect_rollouts(envs, local_model, obs, args.n_steps, rng, version, rank)
+            segments = collect_segments(envs, local_model, obs, buffers[index], rng)
             worker_steps[rank] += args.n_steps * len(envs)
-            # The queue is bounded, so a slow learner holds the workers back instead of letting
-            # rollouts (and policy lag) pile up; the timeout keeps checking whether to stop.
-            while not stop_event.is_set() and parent_alive(parent_pid):
-                try:
-                    rollout_queue.put(rollouts, timeout=0.1)
-                    break
-                except queue.Full:
-                    pass
+            # Under 4 KiB, so the pipe takes it in one atomic write: a worker killed while sending leaves
+            # the whole message or none, never half of one that would stall the learner's read.
+            messages.put((rank, index, version, segments))
+            sent += 1
 
 
 # --- 8. Learner (data mode) ------------------------------------------------------------------------
@@ -900,19 +950,29 @@ def train(args, checkpoint=None):
     stop_event = ctx.Event()
     if args.mode == "gradient":
         messages = ctx.Queue()  # ([(rank, return, length) of each finished episode], UpdateStats)
-        target, shared = gradient_worker, (shared_model, optimizer, worker_steps, messages)
+        target = gradient_worker
+        worker_args = [(shared_model, optimizer, worker_steps, messages)] * args.workers
     else:
         policy_version = ctx.Value("q", 0, lock=False)  # written by the learner alone
-        messages = ctx.Queue(maxsize=2 * args.workers)  # lists of rollouts, one list per worker update
-        target, shared = data_worker, (shared_model, policy_version, worker_steps, messages)
-        batch_size = args.batch_rollouts or args.workers
+        batch_size = args.batch_rollouts or args.workers  # worker messages per learner update
+        # The learner holds a batch's buffers until it has learned from them: with fewer buffers than
+        # batch_size in all, every worker could end up waiting for one, and the learner for a message.
+        # One more per worker lets it act while the learner learns.
+        per_worker = math.ceil(batch_size / args.workers) + 1
+        buffers = [[step_buffer(shared_model, args.n_steps, args.envs_per_worker, shared=True)
+                    for _ in range(per_worker)] for _ in range(args.workers)]
+        free_buffers = [ctx.Semaphore(per_worker) for _ in range(args.workers)]
+        messages = ctx.Queue()  # (rank, buffer index, policy version, Segments)
+        target = data_worker
+        worker_args = [(shared_model, policy_version, worker_steps, buffers[rank], free_buffers[rank], messages)
+                       for rank in range(args.workers)]
 
     def save():
         return save_checkpoint(args.save, shared_model, optimizer, args, global_step(), monitor.episodes,
                                monitor.recent)
 
-    processes = [ctx.Process(target=target, args=(rank, args, *shared, stop_event, os.getpid()), daemon=True)
-                 for rank in range(args.workers)]
+    processes = [ctx.Process(target=target, args=(rank, args, *worker_args[rank], stop_event, os.getpid()),
+                             daemon=True) for rank in range(args.workers)]
     previous_handlers = {s: signal.signal(s, raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     outcome = {"exit_code": 0, "message": None, "save": True}
     try:
@@ -933,15 +993,19 @@ def train(args, checkpoint=None):
                     monitor.add_episode(*episode, global_step())
                 monitor.stats.merge(stats)
             elif message is not None:
-                for rollout in message:
-                    if rollout.episode is not None:
-                        monitor.add_episode(rollout.rank, *rollout.episode, global_step())
+                rank, index, version, segments = message
+                for segment in segments:
+                    if segment.episode is not None:
+                        monitor.add_episode(rank, *segment.episode, global_step())
                 batch.append(message)
                 if len(batch) >= batch_size:
-                    rollouts = [rollout for message in batch for rollout in message]
+                    rollouts = [rollout for rank, index, version, segments in batch
+                                for rollout in rollouts_in(buffers[rank][index].numpy(), segments, version, rank)]
                     monitor.stats.add(learner_update(shared_model, optimizer, rollouts, args))
-                    monitor.lags.extend(policy_version.value - message[0].version for message in batch)
+                    monitor.lags.extend(policy_version.value - version for _, _, version, _ in batch)
                     policy_version.value += 1
+                    for rank, _, _, _ in batch:  # learned from: the workers may overwrite them
+                        free_buffers[rank].release()
                     batch = []
             if time.monotonic() - last_save >= args.save_every:
                 save()

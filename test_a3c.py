@@ -2,6 +2,7 @@
 import copy
 import multiprocessing
 import os
+import pickle
 import queue
 import re
 import signal
@@ -72,11 +73,17 @@ class CountingEnv(gym.Env):
         return obs, 1.0, end and not self.truncate, end and self.truncate, {}
 
 
+def collect(envs, model, obs, n_steps):
+    """What a gradient worker does each update: act into a step buffer, read the rollouts back from it."""
+    buffer = a3c.step_buffer(model, n_steps, len(envs)).numpy()
+    return a3c.rollouts_in(buffer, a3c.collect_segments(envs, model, obs, buffer, np.random.default_rng(0)))
+
+
 def run_rollouts(envs, n_steps):
     envs = [gym.wrappers.RecordEpisodeStatistics(env) for env in envs]
     obs = np.stack([env.reset(seed=0)[0] for env in envs])
     model = a3c.ActorCritic(2, 2, hidden=8)
-    return a3c.collect_rollouts(envs, model, obs, n_steps, np.random.default_rng(0)), obs
+    return collect(envs, model, obs, n_steps), obs
 
 
 def test_rollout_truncated_keeps_final_obs_not_reset_obs():
@@ -313,7 +320,7 @@ def test_box_actions_reach_the_env_clipped_while_the_rollout_keeps_the_samples()
     with torch.no_grad():
         model.policy.log_std.fill_(np.log(3.0))  # sigma 3: most samples fall outside the policy's box [-1, 1]
     obs = np.stack([env.reset(seed=0)[0]])
-    rollouts = a3c.collect_rollouts([env], model, obs, 20, np.random.default_rng(0))
+    rollouts = collect([env], model, obs, 20)
     sampled = np.concatenate([r.actions for r in rollouts])  # [20, 2]
     received = np.stack(env.unwrapped.received)
     assert sampled.dtype == np.float32 and sampled.shape == (20, 2)
@@ -444,30 +451,57 @@ def test_gradient_from_spawned_child_updates_shared_model_as_adam_would(continuo
 
 # --- data path ---------------------------------------------------------------------------------------
 
-def test_data_worker_sends_rollouts_and_stops_when_told():
-    args = a3c.parse_args(["--n-steps", "7", "--hidden", "16"])
+def test_data_worker_fills_shared_buffers_sends_small_messages_and_waits_for_free_buffers():
+    args = a3c.parse_args(["--n-steps", "7", "--hidden", "16", "--envs-per-worker", "3"])
     a3c.prepare(args)
     shared_model = a3c.ActorCritic(4, 2, 16)
     shared_model.share_memory()
+    buffers = [a3c.step_buffer(shared_model, 7, 3, shared=True) for _ in range(2)]
+    free_buffers = SPAWN.Semaphore(2)
     version, worker_steps, stop_event = SPAWN.Value("q", 3), SPAWN.Array("q", 1, lock=False), SPAWN.Event()
-    rollouts = SPAWN.Queue(maxsize=4)
+    messages = SPAWN.Queue()
     worker = SPAWN.Process(target=a3c.data_worker, daemon=True,
-                           args=(0, args, shared_model, version, worker_steps, rollouts, stop_event, os.getpid()))
+                           args=(0, args, shared_model, version, worker_steps, buffers, free_buffers, messages,
+                                 stop_event, os.getpid()))
+
+    def read(message):  # what the learner does: the rollouts a message marks out, copied here to keep them
+        rank, index, policy_version, segments = message
+        return [r._replace(obs=r.obs.copy(), final_obs=r.final_obs.copy()) for r in
+                a3c.rollouts_in(buffers[index].numpy(), segments, policy_version, rank)]
+
     worker.start()
     try:
-        received = [rollouts.get(timeout=60) for _ in range(3)]
+        received = [messages.get(timeout=60) for _ in range(2)]
+        # Both buffers are the learner's now: the worker must not write into either until one comes back,
+        # so what the first message marks out is still there after the second has arrived.
+        rollouts = [read(message) for message in received]
+        free_buffers.release()  # the learner is done with the oldest one, buffer 0
+        received.append(messages.get(timeout=60))
+        rollouts.append(read(received[2]))
     finally:
         stop_event.set()
-        a3c.stop_processes([worker], [rollouts])
+        a3c.stop_processes([worker], [messages])
     assert worker.exitcode == 0
-    assert all(sum(len(r.rewards) for r in message) == 7 * args.envs_per_worker for message in received)
-    for r in [r for message in received for r in message]:
-        T = len(r.rewards)
-        assert 1 <= T <= 7 and r.obs.shape == (T, 4) and r.actions.shape == (T,) and r.final_obs.shape == (4,)
-        assert r.obs.dtype == np.float32 and r.actions.dtype == np.int64
-        assert r.version == 3 and r.rank == 0 and (r.episode is None) == (not (r.terminated or r.truncated))
-        assert set(r.actions.tolist()) <= {0, 1}
-    assert worker_steps[0] >= 3 * 7 * args.envs_per_worker
+    assert [index for _, index, _, _ in received] == [0, 1, 0]  # buffers are reused in the order sent
+    for message in received:
+        assert len(pickle.dumps(message)) < 4096  # under PIPE_BUF: the pipe takes each in one atomic write
+    for message, message_rollouts in zip(received, rollouts):
+        assert sum(len(r.rewards) for r in message_rollouts) == 7 * 3
+        for r in message_rollouts:
+            T = len(r.rewards)
+            assert 1 <= T <= 7 and r.obs.shape == (T, 4) and r.actions.shape == (T,) and r.final_obs.shape == (4,)
+            assert r.obs.dtype == np.float32 and r.actions.dtype == np.int64 and set(r.actions.tolist()) <= {0, 1}
+            assert r.version == 3 and r.rank == 0 and (r.episode is None) == (not (r.terminated or r.truncated))
+    # each env's rollout cut by n_steps ends on the observation its next rollout, in the next message, starts from
+    checked = 0
+    for (earlier, earlier_rollouts), (later, later_rollouts) in zip(zip(received, rollouts),
+                                                                   zip(received[1:], rollouts[1:])):
+        starts = {s.env: r.obs[0] for s, r in zip(later[3], later_rollouts) if s.start == 0}
+        for s, r in zip(earlier[3], earlier_rollouts):
+            if s.stop == 7 and s.episode is None:
+                np.testing.assert_array_equal(r.final_obs, starts[s.env])
+                checked += 1
+    assert checked >= 3 and worker_steps[0] >= 3 * 7 * 3
 
 
 # --- whole runs --------------------------------------------------------------------------------------
@@ -575,7 +609,7 @@ def test_pixel_rollouts_hold_uint8_frames_and_bootstrap_from_the_last_frames_of_
     env = a3c.make_env("StepImage-v0")
     model = a3c.ActorCritic((a3c.FRAME_STACK, 42, 42), 2, hidden=16)
     obs = a3c.observation_batch([env.reset(seed=0)[0]])
-    rollouts = a3c.collect_rollouts([env], model, obs, 25, np.random.default_rng(0))
+    rollouts = collect([env], model, obs, 25)
     ended, cut = rollouts
     assert ended.truncated and len(ended.rewards) == 20 and ended.episode[1] == 20
     for r in rollouts:
@@ -896,8 +930,13 @@ def test_signal_stops_everything_and_saves(training, tmp_path, signum, to_group,
     assert group_is_empty(proc.pid, 5)
 
 
-def test_killed_worker_stops_the_run(training, tmp_path):
-    proc = training()
+@pytest.mark.parametrize("flags", [
+    (),
+    # frames: the rollouts stay in shared memory and only a few hundred bytes cross the pipe per update
+    ("--mode", "data", "--env", "ALE/Pong-v5", "--envs-per-worker", "4", "--n-steps", "5"),
+])
+def test_killed_worker_stops_the_run(training, tmp_path, flags):
+    proc = training(*flags)
     os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == 1 and re.search(r"worker \d was killed by SIGKILL", err) and "Traceback" not in err
