@@ -12,6 +12,7 @@ import threading
 import time
 
 import gymnasium as gym
+import imageio_ffmpeg
 from gymnasium.envs.classic_control import CartPoleEnv
 import numpy as np
 import pytest
@@ -351,7 +352,7 @@ def adam_pair(continuous=False, **kwargs):
 
 
 @HEADS
-@pytest.mark.parametrize("kwargs", [{}, {"lr": 3e-3, "weight_decay": 0.1, "amsgrad": True}])
+@pytest.mark.parametrize("kwargs", [{}, {"lr": 3e-3, "weight_decay": 0.1, "amsgrad": True}, {"fused": True}])
 def test_shared_adam_equals_torch_adam(kwargs, continuous):
     model, shared_adam, twin, adam = adam_pair(continuous, **kwargs)
     generator = torch.Generator().manual_seed(1)
@@ -556,9 +557,13 @@ class SideImageEnv(gym.Env):
     with 10 * t instead, and reset shows 255, so each frame names its step."""
     observation_space = gym.spaces.Box(0, 255, (84, 84), np.uint8)
     action_space = gym.spaces.Discrete(2)
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
 
     def __init__(self, render_mode=None, fill_step=False):
-        self.fill_step, self.t, self.side = fill_step, 0, 0
+        self.render_mode, self.fill_step, self.t, self.side = render_mode, fill_step, 0, 0
+
+    def render(self):
+        return np.repeat(self.frame()[:, :, None], 3, axis=2)  # [84, 84, 3]: what a person would see
 
     def frame(self):
         if self.fill_step:
@@ -605,6 +610,41 @@ def test_downsampling_averages_2x2_blocks_of_the_screen():
     assert small.dtype == np.uint8 and small.shape == (42, 42) and small[0, 0] == 2 and small[1, 1] == 255
 
 
+class FlickerImageEnv(gym.Env):
+    """An emulator that shows every frame (frameskip=1, as ALE's NoFrameskip ids): a bright square on odd frames
+    only, reward 0.1 a frame, 40 frames an episode."""
+    observation_space = gym.spaces.Box(0, 255, (8, 8), np.uint8)
+    action_space = gym.spaces.Discrete(2)
+
+    def __init__(self, render_mode=None, frameskip=1):
+        self.frame_number = 0
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.frame_number = 0
+        return np.zeros((8, 8), np.uint8), {}
+
+    def step(self, action):
+        self.frame_number += 1
+        pixels = np.full((8, 8), 200 if self.frame_number % 2 else 0, np.uint8)
+        return pixels, 0.1, False, self.frame_number >= 40, {}
+
+
+gym.register("FlickerImage-v0", entry_point=FlickerImageEnv, disable_env_checker=True, kwargs={"frameskip": 1})
+
+
+def test_an_env_that_shows_every_frame_gets_frame_skip_4_with_the_max_of_the_last_two():
+    env = a3c.make_env("FlickerImage-v0")
+    env.reset(seed=0)
+    for step in range(10):
+        obs, reward, terminated, truncated, info = env.step(0)
+        assert obs.shape == (a3c.FRAME_STACK, 4, 4) and (obs[-1] == 200).all()  # frames 3 and 4: one has it
+        assert reward == pytest.approx(0.4)  # the 4 frames' rewards, summed
+    assert truncated and not terminated
+    assert info["episode"]["l"] == 10 and info["episode"]["r"] == pytest.approx(4.0)  # agent steps; the score
+    assert (a3c.make_env("SideImage-v0").reset(seed=0)[0].shape == (a3c.FRAME_STACK, 42, 42))  # no frameskip: as is
+
+
 def test_pixel_rollouts_hold_uint8_frames_and_bootstrap_from_the_last_frames_of_the_episode():
     env = a3c.make_env("StepImage-v0")
     model = a3c.ActorCritic((a3c.FRAME_STACK, 42, 42), 2, hidden=16)
@@ -630,6 +670,22 @@ def test_single_worker_learns_an_image_task(tmp_path, capsys):
                      "--max-steps", "60000", "--save", str(tmp_path / "model.pth")]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("result: solved=yes"), last
+    # the conv policy plays greedily, and each episode becomes a video: the reset frame and one per step
+    videos = tmp_path / "videos"
+    assert a3c.main(["--eval", str(tmp_path / "model.pth"), "--episodes", "2", "--video", str(videos)]) == 0
+    assert "result: solved=yes" in capsys.readouterr().out
+    assert sorted(os.listdir(videos)) == ["eval-episode-0.mp4", "eval-episode-1.mp4"]
+    for video in videos.iterdir():
+        assert imageio_ffmpeg.count_frames_and_secs(str(video))[0] == 21
+
+
+def test_video_without_moviepy_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "moviepy", None)  # import now fails as if not installed
+    save_small_checkpoint(tmp_path / "cartpole.pth")
+    assert a3c.main(["--eval", str(tmp_path / "cartpole.pth"), "--video", str(tmp_path / "videos")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install moviepy" in err, err
+    assert not (tmp_path / "videos").exists()
 
 
 def test_atari_id_without_ale_py_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
@@ -763,12 +819,17 @@ def test_bad_flag_is_one_line_and_exit_2(flags, message, capsys):
     (["--save", "no/such/folder/model.pth"], "cannot write in"),
     (["--eval", "cartpole.pth", "--env", "Acrobot-v1"], "was made for CartPole-v1, not Acrobot-v1"),
     (["--resume", "cartpole.pth", "--hidden", "32"], "has --hidden 16, not 32"),
+    (["--video", "videos"], "--video records --eval episodes"),
+    (["--eval", "cartpole.pth", "--video", "videos", "--render"], "--video and --render exclude each other"),
+    (["--eval", "box.pth", "--video", "videos"], "RecordingBox-v0 cannot render its screen as an image"),
+    (["--eval", "cartpole.pth", "--video", "cartpole.pth/videos"], "--video cartpole.pth/videos: cannot create it"),
 ])
 def test_bad_input_is_one_line_and_exit_2(flags, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "not_a_checkpoint.pth").write_bytes(b"this is not a checkpoint")
     save_small_checkpoint(tmp_path / "cartpole.pth")
     save_small_checkpoint(tmp_path / "discrete_pendulum.pth", env="Pendulum-v1", model=a3c.ActorCritic(3, 1, 16))
+    save_small_checkpoint(tmp_path / "box.pth", env="RecordingBox-v0", model=a3c.ActorCritic(2, 2, 16, continuous=True))
     assert a3c.main(flags) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("a3c.py: error: ") and message in err, err
