@@ -677,6 +677,13 @@ def test_single_worker_learns_an_image_task(tmp_path, capsys):
     assert sorted(os.listdir(videos)) == ["eval-episode-0.mp4", "eval-episode-1.mp4"]
     for video in videos.iterdir():
         assert imageio_ffmpeg.count_frames_and_secs(str(video))[0] == 21
+    # a conv checkpoint resumes: counters, weights and optimizer state carry on, and it still plays well
+    trained = a3c.load_checkpoint(str(tmp_path / "model.pth"))
+    assert a3c.main(["--resume", str(tmp_path / "model.pth"), "--max-steps", str(trained["steps"] + 2000),
+                     "--target-return", "1e9", "--workers", "1"]) == 0
+    resumed = a3c.load_checkpoint(str(tmp_path / "model.pth"))
+    assert resumed["steps"] >= trained["steps"] + 2000 and resumed["episodes"] > trained["episodes"]
+    assert resumed["optimizer"]["state"][0]["step"] > trained["optimizer"]["state"][0]["step"]
 
 
 def test_video_without_moviepy_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
