@@ -680,7 +680,7 @@ def test_single_worker_learns_an_image_task(tmp_path, capsys):
     # a conv checkpoint resumes: counters, weights and optimizer state carry on, and it still plays well
     trained = a3c.load_checkpoint(str(tmp_path / "model.pth"))
     assert a3c.main(["--resume", str(tmp_path / "model.pth"), "--max-steps", str(trained["steps"] + 2000),
-                     "--target-return", "1e9", "--workers", "1"]) == 0
+                     "--target-return", "1e9", "--workers", "1", "--save", str(tmp_path / "model.pth")]) == 0
     resumed = a3c.load_checkpoint(str(tmp_path / "model.pth"))
     assert resumed["steps"] >= trained["steps"] + 2000 and resumed["episodes"] > trained["episodes"]
     assert resumed["optimizer"]["state"][0]["step"] > trained["optimizer"]["state"][0]["step"]
