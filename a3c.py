@@ -723,7 +723,8 @@ def data_worker(rank, args, shared_model, policy_version, worker_steps, buffers,
             sync_model(local_model, shared_model)
             segments = collect_segments(envs, local_model, obs, buffers[index], rng)
             worker_steps[rank] += args.n_steps * len(envs)
-            # Under 4 KiB, so the pipe takes it in one atomic write: a worker killed while sending leaves
+            # One Segment per rollout: a few hundred bytes, far under PIPE_BUF (4 KiB) unless a worker steps
+            # hundreds of envs, so the pipe takes it in one atomic write: a worker killed while sending leaves
             # the whole message or none, never half of one that would stall the learner's read.
             messages.put((rank, index, version, segments))
             sent += 1
