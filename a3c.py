@@ -10,7 +10,10 @@ with 1 it is the paper's one-environment actor-learner. One worker stepping N en
 batched update and no asynchrony, is A2C. Only --workers 1 --mode gradient is reproducible. Discrete
 actions get a softmax policy, Box actions a Gaussian one: the action space picks the head; vectors get an
 MLP torso, images (Atari) stacked frames and a conv torso: the observation picks the torso. Nothing else
-branches on either.
+branches on either, and the mode is picked once, in train() (Hogwild or Learner).
+
+Sections in the order the data flows: flags, env, network, optimizer, rollouts, returns and loss, workers,
+learner; then how processes are run, checkpoints, the monitor and train(), evaluation, main().
 
     python a3c.py --workers 4 --mode gradient
     python a3c.py --workers 2 --mode data --seed 1
@@ -188,8 +191,8 @@ def pixels_to_frames(env):
     def downsample(pixels):
         if pixels.ndim == 3:  # colour: luminance (ITU-R 601)
             pixels = (pixels @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)
-        # the mean of each 2x2 block, in integers: 10 times faster than ndarray.mean, which costs more
-        # than the ALE step itself
+        # the mean of each 2x2 block, in integers: ndarray.mean's float path would cost more than the
+        # ALE step itself
         pixels = pixels[:2 * height, :2 * width].astype(np.uint16)
         total = pixels[0::2, 0::2] + pixels[1::2, 0::2] + pixels[0::2, 1::2] + pixels[1::2, 1::2]
         return (total >> 2).astype(np.uint8)
@@ -339,7 +342,7 @@ class ActorCritic(nn.Module):
             nn.init.orthogonal_(layer.weight, gain)
             nn.init.zeros_(layer.bias)
         # Conv weights in the channels-last (NHWC) layout, the one ConvTorso feeds them: oneDNN's CPU kernels
-        # run faster in it (forward and backward of 45 Pong observations: 13 ms against 16). No-op for an MLP.
+        # run faster in it, above all the first convolution's backward pass. No-op for an MLP.
         self.to(memory_format=torch.channels_last)
 
     def forward(self, obs):
@@ -392,7 +395,107 @@ class SharedAdam(torch.optim.Adam):
         return self
 
 
-# --- 5. Returns and loss ---------------------------------------------------------------------------
+# --- 5. Rollouts -----------------------------------------------------------------------------------
+
+class StepBuffer(NamedTuple):
+    """Where a worker writes the n_steps x K transitions of one update, reused update after update.
+
+    In data mode the learner allocates a few per worker in shared memory before the workers start, so a
+    rollout crosses the pipe as a few numbers saying where it lies instead of as pickled frames (as in
+    TorchBeast's monobeast). Fields are torch tensors, which a spawned process receives as shared memory;
+    numpy() gives the views the acting loop writes through.
+    """
+    obs: torch.Tensor        # [n_steps, K, obs_size] float32 or [n_steps, K, C, H, W] uint8: s_t
+    actions: torch.Tensor    # [n_steps, K] int64 or [n_steps, K, D] float32, as sampled
+    rewards: torch.Tensor    # [n_steps, K] float32
+    final_obs: torch.Tensor  # like obs: s_{t+1} at [t, k] when env k's rollout ends after step t
+
+    def numpy(self):
+        return StepBuffer(*(field.numpy() for field in self))
+
+
+def step_buffer(model, n_steps, n_envs, shared=False):
+    """A StepBuffer for the observations and actions of this model, in shared memory if shared."""
+    frames = not isinstance(model.obs_size, int)  # frames stay uint8 (observation_batch)
+    obs_shape, obs_dtype = (model.obs_size, torch.uint8) if frames else ((model.obs_size,), torch.float32)
+    action_dtype = torch.from_numpy(np.empty(0, model.policy.action_dtype)).dtype
+    buffer = StepBuffer(torch.zeros(n_steps, n_envs, *obs_shape, dtype=obs_dtype),
+                        torch.zeros(n_steps, n_envs, *model.policy.action_shape, dtype=action_dtype),
+                        torch.zeros(n_steps, n_envs),
+                        torch.zeros(n_steps, n_envs, *obs_shape, dtype=obs_dtype))
+    return StepBuffer(*(field.share_memory_() for field in buffer)) if shared else buffer
+
+
+class Segment(NamedTuple):
+    """One rollout's place in a StepBuffer: env k's steps start .. stop - 1, and how it ended."""
+    env: int
+    start: int
+    stop: int
+    terminated: bool  # the MDP ended: R_T = 0
+    truncated: bool   # a time limit cut the episode: R_T = V(s_T), like a rollout cut by n_steps
+    episode: tuple    # (return, length) of the episode that ended with this rollout, else None
+
+
+def collect_segments(envs, model, obs, buffer, rng):
+    """Act buffer's n_steps in each of a worker's envs, choosing all their actions in one forward pass.
+
+    obs [K, obs_size] holds each env's current observation and is updated in place; the transitions go
+    into buffer (numpy views). Returns the Segments, one per env and per episode piece: an episode that
+    ends closes its env's rollout there, so a rollout never spans two episodes and only its last step
+    can need a bootstrap. The env is then reset and its next rollout starts from the reset observation,
+    which is never a bootstrap state: the episode's own last observation is kept in final_obs.
+    """
+    n_steps = len(buffer.obs)
+    starts = [0] * len(envs)  # where each env's open rollout began
+    segments = []
+    for t in range(n_steps):
+        buffer.obs[t] = obs
+        buffer.actions[t] = sample_actions(model, obs, rng)
+        for k, env in enumerate(envs):
+            next_obs, buffer.rewards[t, k], terminated, truncated, info = env.step(buffer.actions[t, k])
+            if terminated or truncated:
+                episode = (float(info["episode"]["r"]), int(info["episode"]["l"]))
+                buffer.final_obs[t, k] = next_obs
+                segments.append(Segment(k, starts[k], t + 1, terminated, truncated, episode))
+                next_obs, _ = env.reset()
+                starts[k] = t + 1
+            obs[k] = next_obs
+    for k in range(len(envs)):  # rollouts cut by n_steps: bootstrap from the current observation
+        if starts[k] < n_steps:
+            buffer.final_obs[n_steps - 1, k] = obs[k]
+            segments.append(Segment(k, starts[k], n_steps, False, False, None))
+    return segments
+
+
+class Rollout(NamedTuple):
+    """One Segment's transitions, as the loss reads them."""
+    obs: np.ndarray         # [T, obs_size] float32 or [T, C, H, W] uint8 frames: s_0 .. s_{T-1}
+    actions: np.ndarray     # [T] int64 (Discrete) or [T, D] float32 (Box, as sampled: not clipped)
+    rewards: np.ndarray     # [T] float32
+    final_obs: np.ndarray   # one observation: s_T
+    terminated: bool        # the Segment's: whether R_T is 0 or V(s_T) (bootstrap_values)
+
+
+def rollouts_in(buffer, segments):
+    """The Rollouts that segments mark out in a StepBuffer (numpy views), as views: nothing is copied."""
+    return [Rollout(buffer.obs[s.start:s.stop, s.env], buffer.actions[s.start:s.stop, s.env],
+                    buffer.rewards[s.start:s.stop, s.env], buffer.final_obs[s.stop - 1, s.env], s.terminated)
+            for s in segments]
+
+
+# --- 6. Returns and loss ---------------------------------------------------------------------------
+
+def bootstrap_values(model, rollouts):
+    """R_T, where each rollout's returns start: 0 if its episode terminated (nothing follows a terminal
+    state), else V(s_T) of its final observation, because the episode goes on past a time limit or a cut
+    by n_steps (Mnih et al. 2016, Alg. S3). Computed without gradient: R is the critic's target.
+
+    Args: rollouts with final_obs and terminated. Returns: a list of floats, one per rollout.
+    """
+    with torch.no_grad():
+        _, final_values = model(torch.from_numpy(np.stack([r.final_obs for r in rollouts])))  # [N]
+    return [0.0 if r.terminated else v for r, v in zip(rollouts, final_values.tolist())]
+
 
 def n_step_returns(rewards, bootstrap_value, gamma):
     """Discounted returns of one rollout: R_t = r_t + gamma * R_{t+1}, with R_T = bootstrap_value.
@@ -441,127 +544,21 @@ def explained_variance(values, returns):
     return 1 - (returns - values).var(correction=0) / variance
 
 
-# --- 6. Rollouts -----------------------------------------------------------------------------------
-
-class StepBuffer(NamedTuple):
-    """Where a worker writes the n_steps x K transitions of one update, reused update after update.
-
-    In data mode the learner allocates a few per worker in shared memory before the workers start, so
-    a rollout crosses the pipe as a Segment (where it lies, a few numbers) instead of pickled frames:
-    1.6 MB per message for 8 Atari envs x 5 steps, against 170 bytes (as in TorchBeast's monobeast).
-    Fields are torch tensors, which can be handed to a spawned process as shared memory; numpy() gives
-    the views the acting loop writes through.
-    """
-    obs: torch.Tensor        # [n_steps, K, obs_size] float32 or [n_steps, K, C, H, W] uint8: s_t
-    actions: torch.Tensor    # [n_steps, K] int64 or [n_steps, K, D] float32, as sampled
-    rewards: torch.Tensor    # [n_steps, K] float32
-    final_obs: torch.Tensor  # like obs: s_{t+1} at [t, k] when env k's rollout ends after step t
-
-    def numpy(self):
-        return StepBuffer(*(field.numpy() for field in self))
-
-
-def step_buffer(model, n_steps, n_envs, shared=False):
-    """A StepBuffer for the observations and actions of this model, in shared memory if shared."""
-    frames = not isinstance(model.obs_size, int)  # frames stay uint8 (observation_batch)
-    obs_shape, obs_dtype = (model.obs_size, torch.uint8) if frames else ((model.obs_size,), torch.float32)
-    action_dtype = torch.from_numpy(np.empty(0, model.policy.action_dtype)).dtype
-    buffer = StepBuffer(torch.zeros(n_steps, n_envs, *obs_shape, dtype=obs_dtype),
-                        torch.zeros(n_steps, n_envs, *model.policy.action_shape, dtype=action_dtype),
-                        torch.zeros(n_steps, n_envs),
-                        torch.zeros(n_steps, n_envs, *obs_shape, dtype=obs_dtype))
-    return StepBuffer(*(field.share_memory_() for field in buffer)) if shared else buffer
-
-
-class Segment(NamedTuple):
-    """One rollout's place in a StepBuffer: env k's steps start .. stop - 1, and how it ended."""
-    env: int
-    start: int
-    stop: int
-    terminated: bool  # the MDP ended: R_T = 0
-    truncated: bool   # a time limit cut the episode: R_T = V(s_T), like a rollout cut by n_steps
-    episode: tuple    # (return, length) of the episode that ended with this rollout, else None
-
-
-class Rollout(NamedTuple):
-    """Consecutive transitions of one episode in one env: what the loss reads."""
-    obs: np.ndarray         # [T, obs_size] float32 or [T, C, H, W] uint8 frames: s_0 .. s_{T-1}
-    actions: np.ndarray     # [T] int64 (Discrete) or [T, D] float32 (Box, as sampled: not clipped)
-    rewards: np.ndarray     # [T] float32
-    final_obs: np.ndarray   # one observation: s_T, the state to bootstrap from unless terminated
-    terminated: bool        # the MDP ended: R_T = 0
-    truncated: bool         # a time limit cut the episode: R_T = V(s_T), like a rollout cut by n_steps
-    episode: tuple          # (return, length) of the episode that ended in this rollout, else None
-    version: int = 0        # data mode: the policy version that chose the actions
-    rank: int = 0           # the worker that collected it
-
-
-def collect_segments(envs, model, obs, buffer, rng):
-    """Act buffer's n_steps in each of a worker's envs, choosing all their actions in one forward pass.
-
-    obs [K, obs_size] holds each env's current observation and is updated in place; the transitions go
-    into buffer (numpy views). Returns the Segments, one per env and per episode piece: an episode that
-    ends closes its env's rollout there, so a rollout never spans two episodes and only its last step
-    can need a bootstrap. The env is then reset and its next rollout starts from the reset observation,
-    which is never a bootstrap state: the episode's own last observation is kept in final_obs.
-    """
-    n_steps = len(buffer.obs)
-    starts = [0] * len(envs)  # where each env's open rollout began
-    segments = []
-    for t in range(n_steps):
-        buffer.obs[t] = obs
-        buffer.actions[t] = sample_actions(model, obs, rng)
-        for k, env in enumerate(envs):
-            next_obs, buffer.rewards[t, k], terminated, truncated, info = env.step(buffer.actions[t, k])
-            if terminated or truncated:
-                episode = (float(info["episode"]["r"]), int(info["episode"]["l"]))
-                buffer.final_obs[t, k] = next_obs
-                segments.append(Segment(k, starts[k], t + 1, terminated, truncated, episode))
-                next_obs, _ = env.reset()
-                starts[k] = t + 1
-            obs[k] = next_obs
-    for k in range(len(envs)):  # rollouts cut by n_steps: bootstrap from the current observation
-        if starts[k] < n_steps:
-            buffer.final_obs[n_steps - 1, k] = obs[k]
-            segments.append(Segment(k, starts[k], n_steps, False, False, None))
-    return segments
-
-
-def rollouts_in(buffer, segments, version=0, rank=0):
-    """The Rollouts that segments mark out in a StepBuffer (numpy views), as views: nothing is copied."""
-    return [Rollout(buffer.obs[s.start:s.stop, s.env], buffer.actions[s.start:s.stop, s.env],
-                    buffer.rewards[s.start:s.stop, s.env], buffer.final_obs[s.stop - 1, s.env],
-                    s.terminated, s.truncated, s.episode, version, rank) for s in segments]
-
-
-def assemble_batch(model, rollouts):
-    """Evaluate one or more rollouts under the model's current parameters.
-
-    Returns (head outputs [N, A], values [N], actions [N] or [N, D], bootstrap_values) with N = sum of
-    the rollouts' lengths, and for each rollout the value R_T its returns start from: 0 if the episode terminated,
-    else V(s_T) of its final observation (a time-limit truncation or a cut by n_steps), without gradient.
-    The final observations get a forward pass of their own, without autograd: inside the trained batch they
-    would cost backward work for rows that receive no gradient (a sixth of a Pong batch).
-    """
-    head_out, values = model(torch.from_numpy(np.concatenate([r.obs for r in rollouts])))  # s_0 .. s_{T-1}
-    with torch.no_grad():
-        _, final_values = model(torch.from_numpy(np.stack([r.final_obs for r in rollouts])))  # s_T of each
-    bootstrap_values = [0.0 if r.terminated else v for r, v in zip(rollouts, final_values.tolist())]
-    actions = torch.from_numpy(np.concatenate([r.actions for r in rollouts]))
-    return head_out, values, actions, bootstrap_values
-
-
 def rollout_loss(model, rollouts, gamma, value_coef, entropy_coef, reward_scale=1.0):
-    """The A3C loss of a batch of rollouts: the single piece of maths both modes train with.
+    """The A3C loss of a batch of rollouts under the model's current weights: the single piece of maths
+    both modes train with, from the rollouts to one scalar.
 
     The critic learns the values of rewards * reward_scale. Scaling every reward by one positive
     factor scales every return and value by it and leaves the best policy unchanged, but it sets the
     size of the value loss (which grows with its square) against the policy and entropy terms: with
     raw returns near 1 / (1 - gamma) = 100, the value gradient swamps the shared torso.
+    The final observations get their own forward pass (bootstrap_values), without autograd: inside the
+    trained batch they would cost backward work for rows that receive no gradient.
     """
-    head_out, values, actions, bootstrap_values = assemble_batch(model, rollouts)
-    returns = torch.cat([n_step_returns(r.rewards * reward_scale, b, gamma)
-                         for r, b in zip(rollouts, bootstrap_values)])
+    head_out, values = model(torch.from_numpy(np.concatenate([r.obs for r in rollouts])))  # s_0 .. s_{T-1}
+    returns = torch.cat([n_step_returns(r.rewards * reward_scale, bootstrap, gamma)
+                         for r, bootstrap in zip(rollouts, bootstrap_values(model, rollouts))])
+    actions = torch.from_numpy(np.concatenate([r.actions for r in rollouts]))
     log_probs, entropy = model.policy.log_prob_entropy(head_out, actions)
     loss, stats = a3c_loss(log_probs, entropy, values, returns, value_coef, entropy_coef)
     return loss, {**stats, "explained_variance": explained_variance(values.detach(), returns)}
@@ -574,31 +571,6 @@ def check_finite(loss):
 
 
 # --- 7. Workers ------------------------------------------------------------------------------------
-
-class UpdateStats:
-    """Sums of per-update statistics, so that a worker sends their means now and then, not every update.
-
-    Explained variance is nan for a batch whose returns do not vary; each statistic counts its finite
-    values only.
-    """
-    NAMES = ("policy_loss", "value_loss", "entropy", "explained_variance", "grad_norm")
-
-    def __init__(self):
-        self.sums, self.counts = np.zeros(len(self.NAMES)), np.zeros(len(self.NAMES), dtype=np.int64)
-
-    def add(self, update):
-        values = np.array([float(update[name]) for name in self.NAMES])
-        finite = np.isfinite(values)
-        self.sums[finite] += values[finite]
-        self.counts += finite
-
-    def merge(self, other):
-        self.sums += other.sums
-        self.counts += other.counts
-
-    def means(self):
-        return {name: s / n for name, s, n in zip(self.NAMES, self.sums, self.counts) if n > 0}
-
 
 def sync_model(local_model, shared_model):
     """Copy the shared weights into the local model in place (no new tensors, no new network)."""
@@ -626,27 +598,8 @@ def hogwild_update(local_model, shared_model, optimizer, loss, max_grad_norm):
     return grad_norm
 
 
-def keep_freed_memory():
-    """Ask glibc to keep the memory torch frees for reuse, instead of handing it back to the OS at once.
-
-    Each update allocates and frees the same large temporaries (45 Pong observations as floats: 6 MB).
-    glibc serves such blocks with mmap and unmaps them on free, so every update pays again for fresh
-    zeroed pages: measured, a tenth to a sixth of a Pong update. glibc (Linux) only; elsewhere it does nothing.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MB come from the heap,
-    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: and up to 1 GB of freed heap stays with the process
-
-
 def worker_setup(rank, args):
-    """What every worker does first: one thread, seeds, its own envs, its own local model."""
-    torch.set_num_threads(1)  # two cores: a worker that spawns threads only slows the others down
-    keep_freed_memory()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the main process decides
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler, which fork copies
+    """What every worker does first: its seeds, its own envs, its own local model."""
     torch.manual_seed(args.seed + rank)
     rng = np.random.default_rng(args.seed + rank)
     # env k of worker i starts from seed + i + k * workers: with one env per worker, worker i uses seed + i
@@ -657,33 +610,16 @@ def worker_setup(rank, args):
     return envs, model, obs, rng
 
 
-def parent_alive(parent_pid):
-    """A worker whose parent died (even by SIGKILL) is re-parented: stop rather than run on as an orphan."""
-    return os.getppid() == parent_pid
+class UpdateReport(NamedTuple):
+    """Gradient worker -> main process, now and then: what the monitor shows."""
+    rank: int
+    episodes: list        # (return, length) of each episode that ended since the last report
+    stats: "UpdateStats"  # statistics of the updates since the last report, summed
 
 
-DIVERGED = 3  # a worker's exit code when its loss stopped being finite
-
-
-@contextlib.contextmanager
-def reported_exit(rank, out_queue):
-    """How a worker ends: exit code DIVERGED with one line for a non-finite loss, 1 and the traceback
-    for any other error; never blocked on messages that nobody will read any more."""
-    try:
-        yield
-    except FloatingPointError as e:
-        print(f"worker {rank}: {e}", file=sys.stderr, flush=True)
-        sys.exit(DIVERGED)
-    except Exception:
-        print(f"worker {rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    finally:
-        out_queue.cancel_join_thread()
-
-
-def gradient_worker(rank, args, shared_model, optimizer, worker_steps, episode_queue, stop_event, parent_pid):
+def gradient_worker(rank, args, shared_model, optimizer, worker_steps, messages, stop_event, parent_pid):
     """Hogwild worker (Mnih et al. 2016, Alg. S3): act, compute the gradient, apply it to the shared model."""
-    with reported_exit(rank, episode_queue):
+    with worker_process(rank, messages):
         envs, local_model, obs, rng = worker_setup(rank, args)
         buffer = step_buffer(local_model, args.n_steps, len(envs)).numpy()
         stats, last_sent = UpdateStats(), time.monotonic()
@@ -696,19 +632,46 @@ def gradient_worker(rank, args, shared_model, optimizer, worker_steps, episode_q
             update["grad_norm"] = hogwild_update(local_model, shared_model, optimizer, loss, args.max_grad_norm)
             stats.add(update)
             worker_steps[rank] += args.n_steps * len(envs)
-            episodes = [(rank, *s.episode) for s in segments if s.episode is not None]
-            # The statistics ride on the episode messages, summed over the updates in between; with no
-            # episode ending they still go out once a second, so long episodes do not hide them.
+            episodes = [s.episode for s in segments if s.episode is not None]
+            # Sent with each episode that ends, and at least once a second so long episodes do not hide the
+            # statistics; summed in between, so the main process reads one message, not one per update.
             if episodes or time.monotonic() - last_sent >= 1.0:
-                episode_queue.put((episodes, stats))
+                messages.put(UpdateReport(rank, episodes, stats))
                 stats, last_sent = UpdateStats(), time.monotonic()
 
 
-def data_worker(rank, args, shared_model, policy_version, worker_steps, buffers, free_buffers, messages,
+class Hogwild:
+    """Gradient mode, seen from the main process: the workers learn on their own, writing the shared model
+    through SharedAdam; their reports only feed the monitor."""
+    worker = staticmethod(gradient_worker)
+
+    def __init__(self, args, shared_model, ctx):
+        self.shared_model = shared_model
+        # fused: one kernel updates every parameter, instead of a Python loop over them
+        self.optimizer = SharedAdam(shared_model.parameters(), lr=args.lr, fused=True)
+
+    def worker_args(self, rank):
+        return self.shared_model, self.optimizer
+
+    def receive(self, report, monitor, steps):
+        for episode in report.episodes:
+            monitor.add_episode(report.rank, *episode, steps)
+        monitor.stats.merge(report.stats)
+
+
+class FilledBuffer(NamedTuple):
+    """Data worker -> learner: where a worker's rollouts lie, a message of a few hundred bytes."""
+    rank: int
+    index: int       # which of the worker's StepBuffers holds them
+    version: int     # the policy version that chose the actions
+    segments: list   # the Segments: which steps of which env form each rollout, and how it ended
+
+
+def data_worker(rank, args, shared_model, policy_version, buffers, free_buffers, worker_steps, messages,
                 stop_event, parent_pid):
-    """Data-parallel worker: act with a fresh copy of the shared weights into a shared StepBuffer, and send
-    the learner (rank, buffer index, policy version, Segments): a message of a few hundred bytes."""
-    with reported_exit(rank, messages):
+    """Data-parallel worker: act with a fresh copy of the shared weights into a shared StepBuffer, and tell
+    the learner where the rollouts lie (a FilledBuffer)."""
+    with worker_process(rank, messages):
         envs, local_model, obs, rng = worker_setup(rank, args)
         buffers = [buffer.numpy() for buffer in buffers]
         sent = 0
@@ -723,32 +686,262 @@ def data_worker(rank, args, shared_model, policy_version, worker_steps, buffers,
             sync_model(local_model, shared_model)
             segments = collect_segments(envs, local_model, obs, buffers[index], rng)
             worker_steps[rank] += args.n_steps * len(envs)
-            # One Segment per rollout: a few hundred bytes, far under PIPE_BUF (4 KiB) unless a worker steps
-            # hundreds of envs, so the pipe takes it in one atomic write: a worker killed while sending leaves
+            # A few hundred bytes, one Segment per rollout: under PIPE_BUF (4 KiB) unless a worker steps
+            # hundreds of envs, the pipe takes it in one atomic write, so a worker killed while sending leaves
             # the whole message or none, never half of one that would stall the learner's read.
-            messages.put((rank, index, version, segments))
+            messages.put(FilledBuffer(rank, index, version, segments))
             sent += 1
 
 
 # --- 8. Learner (data mode) ------------------------------------------------------------------------
 
-def learner_update(model, optimizer, rollouts, args):
-    """One step of the central learner on a batch of rollouts, with its current parameters.
+class Learner:
+    """Data mode's learner, in the main process: the single writer of the weights.
 
-    A3C has no off-policy correction: the actions were sampled by weights a few updates old (the
-    policy lag), and the gradient treats them as on-policy. IMPALA's V-trace is the fix for large lags.
-    Returns the update's statistics: rollout_loss's and the gradient norm before clipping.
+    It owns the step buffers the workers fill (a few per worker, in shared memory), one semaphore per
+    worker counting that worker's free buffers, the policy version the workers stamp their rollouts
+    with, and the batch of messages it has not learned from yet. receive() takes one message and learns
+    once --batch-rollouts of them have come.
     """
-    loss, stats = rollout_loss(model, rollouts, args.gamma, args.value_coef, args.entropy_coef, args.reward_scale)
-    check_finite(loss)
-    optimizer.zero_grad()
-    loss.backward()
-    stats["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-    optimizer.step()
-    return stats
+    worker = staticmethod(data_worker)
+
+    def __init__(self, args, shared_model, ctx):
+        self.args, self.shared_model = args, shared_model
+        self.optimizer = torch.optim.Adam(shared_model.parameters(), lr=args.lr, fused=True)
+        self.version = ctx.Value("q", 0, lock=False)  # written by the learner alone
+        self.batch_size = args.batch_rollouts or args.workers
+        # The learner holds a batch's buffers until it has learned from them: with fewer buffers than
+        # batch_size in all, every worker could end up waiting for one, and the learner for a message.
+        # One more per worker lets it act while the learner learns.
+        per_worker = math.ceil(self.batch_size / args.workers) + 1
+        one = sum(field.nbytes for field in step_buffer(shared_model, args.n_steps, args.envs_per_worker))
+        require_shared_memory(one * per_worker * args.workers)
+        self.buffers = [[step_buffer(shared_model, args.n_steps, args.envs_per_worker, shared=True)
+                         for _ in range(per_worker)] for _ in range(args.workers)]
+        self.free_buffers = [ctx.Semaphore(per_worker) for _ in range(args.workers)]
+        self.batch = []  # FilledBuffers not learned from yet
+
+    def worker_args(self, rank):
+        return self.shared_model, self.version, self.buffers[rank], self.free_buffers[rank]
+
+    def receive(self, message, monitor, steps):
+        for segment in message.segments:
+            if segment.episode is not None:
+                monitor.add_episode(message.rank, *segment.episode, steps)
+        self.batch.append(message)
+        if len(self.batch) == self.batch_size:
+            monitor.stats.add(self.learn())
+
+    def learn(self):
+        """One gradient step on the batch with the current weights; then its buffers go back to the workers.
+
+        A3C has no off-policy correction: the actions were sampled by weights a few updates old (the
+        policy lag), and the gradient treats them as on-policy. IMPALA's V-trace is the fix for large lags.
+        Returns the update's statistics: rollout_loss's, the gradient norm before clipping and the lag.
+        """
+        args = self.args
+        rollouts = [rollout for m in self.batch
+                    for rollout in rollouts_in(self.buffers[m.rank][m.index].numpy(), m.segments)]
+        loss, stats = rollout_loss(self.shared_model, rollouts, args.gamma, args.value_coef, args.entropy_coef,
+                                   args.reward_scale)
+        check_finite(loss)
+        self.optimizer.zero_grad()
+        loss.backward()
+        stats["grad_norm"] = nn.utils.clip_grad_norm_(self.shared_model.parameters(), args.max_grad_norm)
+        self.optimizer.step()
+        stats["policy_lag"] = sum(self.version.value - m.version for m in self.batch) / len(self.batch)
+        self.version.value += 1
+        for m in self.batch:  # learned from: the worker may overwrite it
+            self.free_buffers[m.rank].release()
+        self.batch = []
+        return stats
 
 
-# --- 9. Checkpoints ---------------------------------------------------------------------------------
+# --- 9. Processes: start, signals, liveness, stop -------------------------------------------------
+
+def start_method():
+    """fork on Linux, spawn elsewhere, chosen explicitly (Python 3.14 made forkserver Linux's default).
+
+    fork starts a worker with torch already imported, where spawn imports it again in every worker. It is
+    safe here because the main process has no thread yet when the workers start (the TensorBoard writer
+    comes after them). spawn is the only way on Windows and the safe one on macOS.
+    """
+    return mp.get_context("fork" if sys.platform == "linux" else "spawn")
+
+
+def keep_freed_memory():
+    """Ask glibc to keep the memory torch frees for reuse, instead of handing it back to the OS at once.
+
+    Each update allocates and frees the same large temporaries (a Pong batch as floats). glibc serves such
+    blocks with mmap and unmaps them on free, so every update would pay again for fresh zeroed pages.
+    glibc (Linux) only; elsewhere it does nothing.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MB come from the heap,
+    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: and up to 1 GB of freed heap stays with the process
+
+
+SHARED_MEMORY = "/dev/shm"  # where torch's shared tensors live on Linux
+
+
+def shared_memory_free():
+    """Bytes free in SHARED_MEMORY, or None where there is no such file system (not Linux)."""
+    try:
+        stat = os.statvfs(SHARED_MEMORY)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
+def require_shared_memory(needed):
+    """Refuse step buffers the shared-memory file system cannot hold, before any process starts: torch
+    would fail halfway with a traceback. A container's is often small (Docker's default: 64 MB)."""
+    free = shared_memory_free()
+    if free is not None and needed > free:
+        raise UsageError(f"data mode's step buffers need {needed / 2**20:.1f} MiB of shared memory and "
+                         f"{SHARED_MEMORY} has {free / 2**20:.1f} MiB free: lower --workers, --envs-per-worker "
+                         f"or --n-steps, or enlarge {SHARED_MEMORY} (docker run --shm-size)")
+
+
+DIVERGED = 3  # a worker's exit code when its loss stopped being finite
+
+
+@contextlib.contextmanager
+def worker_process(rank, messages):
+    """How every worker process runs and ends.
+
+    One thread (two cores: a worker that spawns threads only slows the others down); signals left to the
+    main process, which decides when to stop; exit code DIVERGED with one line for a non-finite loss, 1 and
+    the traceback for any other error; never blocked at exit on messages that nobody will read any more.
+    """
+    torch.set_num_threads(1)
+    keep_freed_memory()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the main process decides
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler, which fork copies
+    try:
+        yield
+    except FloatingPointError as e:
+        print(f"worker {rank}: {e}", file=sys.stderr, flush=True)
+        sys.exit(DIVERGED)
+    except Exception:
+        print(f"worker {rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    finally:
+        messages.cancel_join_thread()
+
+
+def parent_alive(parent_pid):
+    """A worker whose parent died (even by SIGKILL) is re-parented: stop rather than run on as an orphan."""
+    return os.getppid() == parent_pid
+
+
+class Stop(Exception):
+    """Raised in the main process to end training early, with the exit code main() returns.
+
+    save=False when training diverged: the last checkpoint written before is the last good one.
+    """
+
+    def __init__(self, message, exit_code, save=True):
+        super().__init__(message)
+        self.exit_code, self.save = exit_code, save
+
+
+class StopSignals:
+    """SIGINT and SIGTERM while training: the handler only notes the signal and the loop acts on it (check).
+
+    A handler that raised at once would raise wherever the main process happens to be, in data mode often
+    in the middle of reading a message from the pipe: the half-read message then breaks the clean-up
+    that drains the queue. The loop comes round at least every 0.1 s, so stopping waits no longer.
+    A second signal during the clean-up is noted too, and so cannot cut it short.
+    """
+
+    def __enter__(self):
+        self.received = None
+        self.previous = {s: signal.signal(s, self.note) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def note(self, signum, frame):
+        self.received = signum
+
+    def check(self):
+        if self.received is not None:  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+            raise Stop(f"stopped by {signal.Signals(self.received).name}", 128 + self.received)
+
+    def __exit__(self, *exc_info):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class Workers:
+    """A run's worker processes and what they share with the main process: one env-step counter each, the
+    queue of their messages and the stop event."""
+
+    def __init__(self, ctx, args, mode):
+        # One slot per worker and no lock: each slot has one writer, and a worker killed while holding a
+        # lock would leave it locked for good, hanging whoever reads the counter next.
+        self.worker_steps = ctx.Array("q", args.workers, lock=False)
+        self.messages = ctx.Queue()  # UpdateReports (gradient mode) or FilledBuffers (data mode)
+        self.stop_event = ctx.Event()
+        self.processes = [ctx.Process(target=mode.worker, daemon=True, args=(
+            rank, args, *mode.worker_args(rank), self.worker_steps, self.messages, self.stop_event, os.getpid()))
+            for rank in range(args.workers)]
+
+    def start(self):
+        for process in self.processes:
+            process.start()
+
+    def steps(self):
+        return sum(self.worker_steps)
+
+    def next_message(self, timeout):
+        """The next message, or None after timeout seconds; first, Stop if a worker has ended badly (checked
+        every time: the other workers' messages keep coming)."""
+        for rank, process in enumerate(self.processes):
+            if process.exitcode == DIVERGED:
+                raise Stop(f"worker {rank}: training diverged", 1, save=False)
+            if process.exitcode is not None and process.exitcode < 0:
+                raise Stop(f"worker {rank} was killed by {signal.Signals(-process.exitcode).name}", 1)
+            if process.exitcode not in (None, 0):
+                raise Stop(f"worker {rank} failed with exit code {process.exitcode} (its traceback is above)", 1)
+        try:
+            return self.messages.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def stop(self):
+        self.stop_event.set()
+        stop_processes(self.processes, [self.messages])
+
+
+def stop_processes(processes, queues):
+    """Stop every worker, whatever state the queues are in: never hang, never leave one behind."""
+    processes = [p for p in processes if p.pid is not None]  # a stop can come before all have started
+    deadline = time.monotonic() + 5
+    while any(p.is_alive() for p in processes) and time.monotonic() < deadline:
+        for q in queues:  # a child blocked on a full queue, or flushing one, exits once it is drained
+            try:
+                while True:
+                    q.get_nowait()
+            except queue.Empty:
+                pass
+        for p in processes:
+            p.join(timeout=0.05)
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+            p.join(timeout=1)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    for q in queues:
+        q.cancel_join_thread()
+        q.close()
+
+
+# --- 10. Checkpoints --------------------------------------------------------------------------------
 
 CHECKPOINT_FORMAT = "a3c.py checkpoint v2"  # v2: torso and policy head as modules, any action space
 
@@ -773,7 +966,8 @@ def save_checkpoint(path, model, optimizer, args, steps, episodes, recent_return
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError):  # open() may have failed before creating it
+            os.unlink(tmp)
         raise
     return True
 
@@ -797,7 +991,35 @@ def checkpoint_shape(checkpoint):
             "continuous": checkpoint["continuous"]}
 
 
-# --- 10. Monitor and training loop -----------------------------------------------------------------
+# --- 11. Monitor and training loop -----------------------------------------------------------------
+
+class UpdateStats:
+    """Sums of per-update statistics, so that the monitor shows (and workers send) their means now and then,
+    not every update.
+
+    Each statistic counts its finite values only: explained variance is nan for a batch whose returns do
+    not vary, and gradient mode has no policy lag.
+    """
+    TAGS = {"policy_loss": "update/policy_loss", "value_loss": "update/value_loss", "entropy": "update/entropy",
+            "explained_variance": "update/explained_variance", "grad_norm": "update/grad_norm",
+            "policy_lag": "data_mode/policy_lag"}  # each statistic's TensorBoard tag
+
+    def __init__(self):
+        self.sums, self.counts = np.zeros(len(self.TAGS)), np.zeros(len(self.TAGS), dtype=np.int64)
+
+    def add(self, update):
+        values = np.array([float(update.get(name, math.nan)) for name in self.TAGS])
+        finite = np.isfinite(values)
+        self.sums[finite] += values[finite]
+        self.counts += finite
+
+    def merge(self, other):
+        self.sums += other.sums
+        self.counts += other.counts
+
+    def means(self):
+        return {name: s / n for name, s, n in zip(self.TAGS, self.sums, self.counts) if n > 0}
+
 
 class Monitor:
     """Episode statistics, progress lines, the episode CSV, TensorBoard and the stop criteria, in both modes.
@@ -810,7 +1032,7 @@ class Monitor:
         self.recent = deque(recent_returns, maxlen=100)
         self.episodes, self.start_steps, self.last_steps = episodes, steps, steps
         self.start = self.last_print = time.perf_counter()
-        self.lags, self.stats = [], UpdateStats()
+        self.stats = UpdateStats()
         self.writer = None  # opened by open_tensorboard, once the workers run
         self.csv_file = open(args.log_csv, "a", newline="") if args.log_csv else None
         if self.csv_file is not None:
@@ -860,19 +1082,16 @@ class Monitor:
                 f"mean_return={self.mean_return():.1f} seconds={elapsed:.1f}")
         if "entropy" in means:  # a collapsing entropy or a critic that fits nothing shows here first
             line += f" entropy={means['entropy']:.3f} explained_variance={means.get('explained_variance', math.nan):.2f}"
-        if self.lags:
-            line += f" mean_lag={sum(self.lags) / len(self.lags):.2f}"
+        if "policy_lag" in means:
+            line += f" mean_lag={means['policy_lag']:.2f}"
         print(line, flush=True)
         if self.writer is not None:
             for name, value in means.items():
-                self.writer.add_scalar(f"update/{name}", value, steps)
+                self.writer.add_scalar(UpdateStats.TAGS[name], value, steps)
             if now > self.last_print:
                 self.writer.add_scalar("speed/steps_per_second", (steps - self.last_steps) / (now - self.last_print),
                                        steps)
-            if self.lags:
-                self.writer.add_scalar("data_mode/policy_lag", sum(self.lags) / len(self.lags), steps)
         self.last_print, self.last_steps = now, steps
-        self.lags.clear()
         self.stats = UpdateStats()
 
     def summary(self, steps):
@@ -887,179 +1106,66 @@ class Monitor:
             self.writer.close()
 
 
-class Stop(Exception):
-    """Raised in the main process to end training early, with the exit code main() returns.
-
-    save=False when training diverged: the last checkpoint written before is the last good one.
-    """
-
-    def __init__(self, message, exit_code, save=True):
-        super().__init__(message)
-        self.exit_code, self.save = exit_code, save
-
-
-def raise_stop(signum, frame):
-    name = signal.Signals(signum).name
-    raise Stop(f"stopped by {name}", 128 + signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
-
-
-def check_workers(processes):
-    for rank, proc in enumerate(processes):
-        if proc.exitcode == DIVERGED:
-            raise Stop(f"worker {rank}: training diverged", 1, save=False)
-        if proc.exitcode is not None and proc.exitcode < 0:
-            raise Stop(f"worker {rank} was killed by {signal.Signals(-proc.exitcode).name}", 1)
-        if proc.exitcode not in (None, 0):
-            raise Stop(f"worker {rank} failed with exit code {proc.exitcode} (its traceback is above)", 1)
-
-
-def stop_processes(processes, queues):
-    """Stop every worker, whatever state the queues are in: never hang, never leave one behind."""
-    processes = [p for p in processes if p.pid is not None]  # a stop can come before all have started
-    deadline = time.monotonic() + 5
-    while any(p.is_alive() for p in processes) and time.monotonic() < deadline:
-        for q in queues:  # a child blocked on a full queue, or flushing one, exits once it is drained
-            try:
-                while True:
-                    q.get_nowait()
-            except queue.Empty:
-                pass
-        for p in processes:
-            p.join(timeout=0.05)
-    for p in processes:
-        if p.is_alive():
-            p.terminate()
-            p.join(timeout=1)
-        if p.is_alive():
-            p.kill()
-            p.join()
-    for q in queues:
-        q.cancel_join_thread()
-        q.close()
-
-
 def train(args, checkpoint=None):
     """Train until solved, a budget runs out or a stop; returns a summary dict with the exit code.
 
-    The monitor runs here, in the main process, and in data mode so does the learner: it is the single
-    writer of the weights and holds the optimizer, so weights and optimizer state never travel back from
-    another process, and a checkpoint is a plain save from here.
+    The main process runs the monitor and, in data mode, the learner: the single writer of the weights,
+    holding the optimizer, so weights and optimizer state never travel back from another process and a
+    checkpoint is a plain save from here.
     """
     torch.set_num_threads(1)
     keep_freed_memory()  # for the learner, in data mode
     torch.manual_seed(args.seed)
     env = make_env(args.env)
-    shape = model_shape(env)
+    shared_model = ActorCritic(**model_shape(env), hidden=args.hidden)
     env.close()
-
-    shared_model = ActorCritic(**shape, hidden=args.hidden)
     shared_model.share_memory()
-    # On Linux, fork starts a worker in milliseconds with torch already imported; spawn (the only way on
-    # Windows, the safe one on macOS, and what PyTorch's mnist_hogwild example now forces everywhere)
-    # re-imports torch in every worker, about 2 s of CPU each, a large part of a 5 s run on 2 cores. Fork
-    # is safe here because the main process has started no thread yet (the TensorBoard writer starts
-    # after the workers). Chosen explicitly: Python 3.14 made forkserver the Linux default.
-    ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-    # fused: one kernel updates every parameter, 4 times faster than Adam's loop over them on the Pong net
-    if args.mode == "gradient":
-        optimizer = SharedAdam(shared_model.parameters(), lr=args.lr, fused=True)
-    else:
-        optimizer = torch.optim.Adam(shared_model.parameters(), lr=args.lr, fused=True)
+    ctx = start_method()
+    mode = (Hogwild if args.mode == "gradient" else Learner)(args, shared_model, ctx)
     counters = {"steps": 0, "episodes": 0, "recent_returns": []}
     if checkpoint is not None:
         shared_model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        mode.optimizer.load_state_dict(checkpoint["optimizer"])
         counters = {key: checkpoint[key] for key in counters}
     monitor = Monitor(args, **counters)
-    # Env steps, one slot per worker and no lock: each slot has one writer, and a worker killed while
-    # holding a lock would leave it locked for good, hanging whoever reads the counter next.
-    worker_steps = ctx.Array("q", args.workers, lock=False)
+    workers = Workers(ctx, args, mode)
 
     def global_step():
-        return counters["steps"] + sum(worker_steps)
-
-    stop_event = ctx.Event()
-    if args.mode == "gradient":
-        messages = ctx.Queue()  # ([(rank, return, length) of each finished episode], UpdateStats)
-        target = gradient_worker
-        worker_args = [(shared_model, optimizer, worker_steps, messages)] * args.workers
-    else:
-        policy_version = ctx.Value("q", 0, lock=False)  # written by the learner alone
-        batch_size = args.batch_rollouts or args.workers  # worker messages per learner update
-        # The learner holds a batch's buffers until it has learned from them: with fewer buffers than
-        # batch_size in all, every worker could end up waiting for one, and the learner for a message.
-        # One more per worker lets it act while the learner learns.
-        per_worker = math.ceil(batch_size / args.workers) + 1
-        buffers = [[step_buffer(shared_model, args.n_steps, args.envs_per_worker, shared=True)
-                    for _ in range(per_worker)] for _ in range(args.workers)]
-        free_buffers = [ctx.Semaphore(per_worker) for _ in range(args.workers)]
-        messages = ctx.Queue()  # (rank, buffer index, policy version, Segments)
-        target = data_worker
-        worker_args = [(shared_model, policy_version, worker_steps, buffers[rank], free_buffers[rank], messages)
-                       for rank in range(args.workers)]
+        return counters["steps"] + workers.steps()
 
     def save():
-        return save_checkpoint(args.save, shared_model, optimizer, args, global_step(), monitor.episodes,
+        return save_checkpoint(args.save, shared_model, mode.optimizer, args, global_step(), monitor.episodes,
                                monitor.recent)
 
-    processes = [ctx.Process(target=target, args=(rank, args, *worker_args[rank], stop_event, os.getpid()),
-                             daemon=True) for rank in range(args.workers)]
-    previous_handlers = {s: signal.signal(s, raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     outcome = {"exit_code": 0, "message": None, "save": True}
-    try:
-        for proc in processes:
-            proc.start()
-        if args.tensorboard is not None:
-            monitor.open_tensorboard()
-        batch, last_save = [], time.monotonic()
-        while not monitor.done(global_step()):
-            check_workers(processes)  # every time round: messages from the others keep arriving
-            try:
-                message = messages.get(timeout=0.1)
-            except queue.Empty:
-                message = None
-            if args.mode == "gradient" and message is not None:
-                episodes, stats = message
-                for episode in episodes:
-                    monitor.add_episode(*episode, global_step())
-                monitor.stats.merge(stats)
-            elif message is not None:
-                rank, index, version, segments = message
-                for segment in segments:
-                    if segment.episode is not None:
-                        monitor.add_episode(rank, *segment.episode, global_step())
-                batch.append(message)
-                if len(batch) >= batch_size:
-                    rollouts = [rollout for rank, index, version, segments in batch
-                                for rollout in rollouts_in(buffers[rank][index].numpy(), segments, version, rank)]
-                    monitor.stats.add(learner_update(shared_model, optimizer, rollouts, args))
-                    monitor.lags.extend(policy_version.value - version for _, _, version, _ in batch)
-                    policy_version.value += 1
-                    for rank, _, _, _ in batch:  # learned from: the workers may overwrite them
-                        free_buffers[rank].release()
-                    batch = []
-            if time.monotonic() - last_save >= args.save_every:
-                save()
-                last_save = time.monotonic()
-            monitor.progress(global_step())
-    except Stop as stop:
-        outcome = {"exit_code": stop.exit_code, "message": str(stop), "save": stop.save}
-    except FloatingPointError as error:  # the learner's loss, in data mode
-        outcome = {"exit_code": 1, "message": str(error), "save": False}
-    finally:
-        for s in previous_handlers:  # a second Ctrl-C must not cut the clean-up short
-            signal.signal(s, signal.SIG_IGN)
-        stop_event.set()
-        stop_processes(processes, [messages])
-        saved = outcome["save"] and save()
-        monitor.progress(global_step(), force=True)
-        monitor.close()
-        for s, handler in previous_handlers.items():
-            signal.signal(s, handler)
+    with StopSignals() as signals:
+        try:
+            workers.start()
+            if args.tensorboard is not None:
+                monitor.open_tensorboard()
+            last_save = time.monotonic()
+            while not monitor.done(global_step()):
+                signals.check()
+                message = workers.next_message(timeout=0.1)
+                if message is not None:
+                    mode.receive(message, monitor, global_step())
+                if time.monotonic() - last_save >= args.save_every:
+                    save()
+                    last_save = time.monotonic()
+                monitor.progress(global_step())
+        except Stop as stop:
+            outcome = {"exit_code": stop.exit_code, "message": str(stop), "save": stop.save}
+        except FloatingPointError as error:  # the learner's loss, in data mode
+            outcome = {"exit_code": 1, "message": str(error), "save": False}
+        finally:
+            workers.stop()
+            saved = outcome["save"] and save()
+            monitor.progress(global_step(), force=True)
+            monitor.close()
     return {**monitor.summary(global_step()), **outcome, "saved": saved}
 
 
-# --- 11. Evaluation --------------------------------------------------------------------------------
+# --- 12. Evaluation --------------------------------------------------------------------------------
 
 def evaluate(args, checkpoint):
     """Play --episodes episodes with the checkpoint's most probable action; returns a summary dict."""
@@ -1099,7 +1205,7 @@ def evaluate(args, checkpoint):
             "steps_per_second": steps / seconds, "mean_return": mean_return, "exit_code": 0, "message": None}
 
 
-# --- 12. Entry point -------------------------------------------------------------------------------
+# --- 13. Entry point -------------------------------------------------------------------------------
 
 def make_folder(flag, folder):
     """Create an output folder now, so that a path that cannot be one is a usage error, not a late crash."""
@@ -1192,9 +1298,9 @@ def main(argv=None):
 
 if __name__ == "__main__":
     exit_code = main()
-    # By now every file is closed and every worker joined. Python's own teardown would still spend about
-    # 0.9 s (measured here) freeing the modules that torch's compiler imported with the first optimizer,
-    # work that saves nothing: flush what is printed and leave at once.
+    # By now every file is closed and every worker joined. Python's own teardown would still spend most of
+    # a second freeing the modules that torch's compiler imported with the first optimizer, work that
+    # saves nothing: flush what is printed and leave at once.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(exit_code)

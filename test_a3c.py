@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import gymnasium as gym
 import imageio_ffmpeg
@@ -75,9 +76,13 @@ class CountingEnv(gym.Env):
 
 
 def collect(envs, model, obs, n_steps):
-    """What a gradient worker does each update: act into a step buffer, read the rollouts back from it."""
+    """What a gradient worker does each update: act into a step buffer, read the rollouts back from it.
+    Each piece has the fields of its Segment (how it ended) and of its Rollout (what the loss reads)."""
     buffer = a3c.step_buffer(model, n_steps, len(envs)).numpy()
-    return a3c.rollouts_in(buffer, a3c.collect_segments(envs, model, obs, buffer, np.random.default_rng(0)))
+    segments = a3c.collect_segments(envs, model, obs, buffer, np.random.default_rng(0))
+    rollouts = a3c.rollouts_in(buffer, segments)
+    assert all(r.terminated == s.terminated for s, r in zip(segments, rollouts))
+    return [types.SimpleNamespace(**{**s._asdict(), **r._asdict()}, rollout=r) for s, r in zip(segments, rollouts)]
 
 
 def run_rollouts(envs, n_steps):
@@ -126,18 +131,22 @@ def test_sample_actions_follow_the_policy():
     assert np.all(np.abs(frequencies - expected) < 3 * np.sqrt(expected * (1 - expected) / len(actions)))
 
 
-def make_rollout(first_obs, T, terminated=False, truncated=False, version=0):
+def make_rollout(first_obs, T, terminated=False):
     obs = np.stack([np.array([first_obs + t, 0.0], np.float32) for t in range(T)])
     return a3c.Rollout(obs, np.zeros(T, np.int64), np.ones(T, np.float32), np.array([first_obs + T, 0.0], np.float32),
-                       terminated, truncated, None, version)
+                       terminated)
 
 
 class ValueIsFirstCoordinate:
     """A stand-in model whose V(s) is s[0], so each bootstrap value names the observation it came from;
-    its policy is uniform over 2 actions (zero logits)."""
+    its policy is uniform over 2 actions (zero logits). It keeps the observations of each call."""
     policy = a3c.CategoricalHead(1, 2)
 
+    def __init__(self):
+        self.calls = []
+
     def __call__(self, obs):
+        self.calls.append(obs.clone())
         return torch.zeros(obs.shape[0], 2, requires_grad=True), obs[:, 0].clone().requires_grad_()
 
 
@@ -146,19 +155,22 @@ value_is_first_coordinate = ValueIsFirstCoordinate()
 
 def test_batch_bootstraps_follow_termination_rule():
     terminated = make_rollout(10.0, 3, terminated=True)  # final obs [13, 0]
-    truncated = make_rollout(20.0, 2, truncated=True)  # final obs [22, 0]
-    cut = make_rollout(30.0, 4)  # final obs [34, 0]
-    logits, values, actions, bootstraps = a3c.assemble_batch(value_is_first_coordinate, [terminated, truncated, cut])
-    assert bootstraps == [0.0, 22.0, 34.0]
-    # the rows kept are the states s_0 .. s_{T-1} of each rollout, in order: no bootstrap state among them
-    torch.testing.assert_close(values.detach(), torch.tensor([10.0, 11.0, 12.0, 20.0, 21.0, 30.0, 31.0, 32.0, 33.0]))
-    assert logits.shape == (9, 2) and actions.shape == (9,)
+    truncated = make_rollout(20.0, 2)  # final obs [22, 0]: a time limit, or
+    cut = make_rollout(30.0, 4)  # final obs [34, 0]: a cut by n_steps, bootstrap alike
+    assert a3c.bootstrap_values(value_is_first_coordinate, [terminated, truncated, cut]) == [0.0, 22.0, 34.0]
+    model = ValueIsFirstCoordinate()
+    a3c.rollout_loss(model, [terminated, truncated, cut], 0.5, 0.5, 0.01)
+    # the trained rows are the states s_0 .. s_{T-1} of each rollout, in order: no bootstrap state among them;
+    # the final states get a forward pass of their own
+    trained, finals = model.calls
+    torch.testing.assert_close(trained[:, 0], torch.tensor([10.0, 11.0, 12.0, 20.0, 21.0, 30.0, 31.0, 32.0, 33.0]))
+    torch.testing.assert_close(finals[:, 0], torch.tensor([13.0, 22.0, 34.0]))
 
 
 def test_rollout_loss_uses_bootstrap():
     """With zero logits and V = s[0], the loss is known in closed form: check the value part."""
     gamma = 0.5
-    for rollout, bootstrap in [(make_rollout(4.0, 1, terminated=True), 0.0), (make_rollout(4.0, 1, truncated=True), 5.0)]:
+    for rollout, bootstrap in [(make_rollout(4.0, 1, terminated=True), 0.0), (make_rollout(4.0, 1), 5.0)]:
         loss, stats = a3c.rollout_loss(value_is_first_coordinate, [rollout], gamma, value_coef=1.0, entropy_coef=0.0)
         expected_return = 1.0 + gamma * bootstrap
         # zero logits: log pi = log 0.5; policy term = -log(0.5) * (R - V)
@@ -387,7 +399,7 @@ def fixed_rollout(continuous=False):
     rng = np.random.default_rng(0)
     obs = rng.standard_normal((5, 4)).astype(np.float32)
     actions = rng.standard_normal((5, 2)).astype(np.float32) if continuous else np.array([0, 1, 1, 0, 1])
-    return a3c.Rollout(obs, actions, np.ones(5, np.float32), obs[-1] + 0.1, False, True, None, 0)
+    return a3c.Rollout(obs, actions, np.ones(5, np.float32), obs[-1] + 0.1, False)
 
 
 def rollout_gradient(model, rollout):
@@ -462,13 +474,12 @@ def test_data_worker_fills_shared_buffers_sends_small_messages_and_waits_for_fre
     version, worker_steps, stop_event = SPAWN.Value("q", 3), SPAWN.Array("q", 1, lock=False), SPAWN.Event()
     messages = SPAWN.Queue()
     worker = SPAWN.Process(target=a3c.data_worker, daemon=True,
-                           args=(0, args, shared_model, version, worker_steps, buffers, free_buffers, messages,
+                           args=(0, args, shared_model, version, buffers, free_buffers, worker_steps, messages,
                                  stop_event, os.getpid()))
 
     def read(message):  # what the learner does: the rollouts a message marks out, copied here to keep them
-        rank, index, policy_version, segments = message
         return [r._replace(obs=r.obs.copy(), final_obs=r.final_obs.copy()) for r in
-                a3c.rollouts_in(buffers[index].numpy(), segments, policy_version, rank)]
+                a3c.rollouts_in(buffers[message.index].numpy(), message.segments)]
 
     worker.start()
     try:
@@ -483,22 +494,25 @@ def test_data_worker_fills_shared_buffers_sends_small_messages_and_waits_for_fre
         stop_event.set()
         a3c.stop_processes([worker], [messages])
     assert worker.exitcode == 0
-    assert [index for _, index, _, _ in received] == [0, 1, 0]  # buffers are reused in the order sent
+    assert [message.index for message in received] == [0, 1, 0]  # buffers are reused in the order sent
+    assert all(isinstance(message, a3c.FilledBuffer) and message.rank == 0 and message.version == 3
+               for message in received)
     for message in received:
         assert len(pickle.dumps(message)) < 4096  # under PIPE_BUF: the pipe takes each in one atomic write
     for message, message_rollouts in zip(received, rollouts):
         assert sum(len(r.rewards) for r in message_rollouts) == 7 * 3
+        for s, r in zip(message.segments, message_rollouts):
+            assert r.terminated == s.terminated and (s.episode is None) == (not (s.terminated or s.truncated))
         for r in message_rollouts:
             T = len(r.rewards)
             assert 1 <= T <= 7 and r.obs.shape == (T, 4) and r.actions.shape == (T,) and r.final_obs.shape == (4,)
             assert r.obs.dtype == np.float32 and r.actions.dtype == np.int64 and set(r.actions.tolist()) <= {0, 1}
-            assert r.version == 3 and r.rank == 0 and (r.episode is None) == (not (r.terminated or r.truncated))
     # each env's rollout cut by n_steps ends on the observation its next rollout, in the next message, starts from
     checked = 0
     for (earlier, earlier_rollouts), (later, later_rollouts) in zip(zip(received, rollouts),
                                                                    zip(received[1:], rollouts[1:])):
-        starts = {s.env: r.obs[0] for s, r in zip(later[3], later_rollouts) if s.start == 0}
-        for s, r in zip(earlier[3], earlier_rollouts):
+        starts = {s.env: r.obs[0] for s, r in zip(later.segments, later_rollouts) if s.start == 0}
+        for s, r in zip(earlier.segments, earlier_rollouts):
             if s.stop == 7 and s.episode is None:
                 np.testing.assert_array_equal(r.final_obs, starts[s.env])
                 checked += 1
@@ -657,10 +671,12 @@ def test_pixel_rollouts_hold_uint8_frames_and_bootstrap_from_the_last_frames_of_
     # s_T of the truncated episode holds its last four frames (steps 17..20), not the reset frame
     np.testing.assert_array_equal(ended.final_obs[:, 0, 0], [170, 180, 190, 200])
     np.testing.assert_array_equal(cut.obs[0][:, 0, 0], [255, 255, 255, 255])  # the next piece starts on reset
-    assert [r.version for r in rollouts] == [0, 0]
-    # the batch is assembled from frames: one forward pass over s_0 .. s_T of each rollout
-    head_out, values, actions, bootstraps = a3c.assemble_batch(model, rollouts)
-    assert head_out.shape == (25, 2) and values.shape == (25,) and len(bootstraps) == 2
+    # the loss reads frames: one forward pass over s_0 .. s_{T-1} of each rollout, one over their s_T
+    rollouts = [r.rollout for r in rollouts]
+    assert len(a3c.bootstrap_values(model, rollouts)) == 2
+    loss, _ = a3c.rollout_loss(model, rollouts, 0.99, 0.5, 0.01)
+    loss.backward()
+    assert model.torso.fc.weight.grad is not None
 
 
 def test_single_worker_learns_an_image_task(tmp_path, capsys):
@@ -842,6 +858,24 @@ def test_bad_input_is_one_line_and_exit_2(flags, message, tmp_path, monkeypatch,
     assert err.count("\n") == 1 and err.startswith("a3c.py: error: ") and message in err, err
 
 
+def test_too_little_shared_memory_for_data_mode_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    """The Pong command's step buffers (2 workers x 2 buffers of 8 envs x 5 steps of 4 x 105 x 80 frames, twice)
+    need about 11 MB; a 4 MB /dev/shm, faked here, is refused before any process starts."""
+    monkeypatch.setattr(a3c, "shared_memory_free", lambda: 4 << 20)
+    flags = ["--env", "ALE/Pong-v5", "--workers", "2", "--envs-per-worker", "8", "--n-steps", "5",
+             "--target-return", "18", "--save", str(tmp_path / "m.pth")]
+    assert a3c.main([*flags, "--mode", "data"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    needed, free = (float(x) for x in re.search(r"need ([\d.]+) MiB .* has ([\d.]+) MiB free", err).groups())
+    assert 10 < needed < 12 and free == 4.0
+    assert multiprocessing.active_children() == [] and not (tmp_path / "m.pth").exists()
+    # gradient mode allocates no step buffers in shared memory: the same check lets it through
+    monkeypatch.setattr(a3c, "shared_memory_free", lambda: 1 << 20)
+    assert a3c.main(["--workers", "1", "--max-steps", "200", "--hidden", "16", "--target-return", "1e9",
+                     "--save", str(tmp_path / "m.pth")]) == 0
+
+
 def save_small_checkpoint(path, steps=0, env="CartPole-v1", model=None):
     args = a3c.parse_args(["--hidden", "16", "--env", env, "--target-return", "-200"])
     a3c.prepare(args)
@@ -996,6 +1030,20 @@ def test_signal_stops_everything_and_saves(training, tmp_path, signum, to_group,
     assert out.splitlines()[-1].startswith("result: solved=no")
     assert a3c.load_checkpoint(str(tmp_path / "model.pth"))["steps"] > 0
     assert group_is_empty(proc.pid, 5)
+
+
+def test_a_signal_while_training_is_acted_on_by_the_loop_not_where_it_lands():
+    """The handler only notes the signal: raising there would raise wherever the main process is, for example
+    halfway through reading a message from the pipe, which then breaks the queue for the clean-up."""
+    with a3c.StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # the handler runs at the next bytecode boundaries: nothing may be raised here
+            pass
+        assert signals.received == signal.SIGTERM
+        with pytest.raises(a3c.Stop) as stop:
+            signals.check()
+    assert stop.value.exit_code == 143 and str(stop.value) == "stopped by SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the previous handler is back
 
 
 @pytest.mark.parametrize("flags", [
