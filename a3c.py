@@ -98,8 +98,22 @@ def parse_args(argv=None):
                    help="envs each worker steps together, choosing their actions in one forward pass")
     p.add_argument("--entropy-coef", type=non_negative, default=0.01, help="weight of the entropy bonus")
     p.add_argument("--value-coef", type=non_negative, default=0.5, help="weight of the value loss")
-    p.add_argument("--reward-scale", type=positive, default=0.1,
-                   help="the critic learns the values of rewards times this (episode returns stay true)")
+    p.add_argument("--reward-scale", type=positive, default=None,
+                   help="the critic learns the values of rewards times this, episode returns stay true "
+                        "(default: 0.1, or 1 with --normalize-reward, which has scaled them already)")
+    p.add_argument("--gae-lambda", type=number(float, 0, 1, low_open=False), default=1.0,
+                   help="GAE's lambda, in [0, 1]: 1 gives the paper's n-step returns, 0 one-step TD targets")
+    p.add_argument("--normalize-obs", action="store_true",
+                   help="normalise vector observations by running statistics that every worker shares and a "
+                        "checkpoint keeps (default: the checkpoint's)")
+    p.add_argument("--normalize-reward", action="store_true",
+                   help="divide rewards, for learning only, by a running standard deviation of the discounted "
+                        "return, shared and kept like --normalize-obs's statistics (default: the checkpoint's)")
+    p.add_argument("--log-std-init", type=number(float), default=0.0,
+                   help="Box actions: the Gaussian's log standard deviation at the start (0: sigma = 1)")
+    p.add_argument("--separate-critic", action="store_true",
+                   help="give the value head a torso of its own instead of sharing the policy's "
+                        "(default: the checkpoint's)")
     p.add_argument("--max-grad-norm", type=positive, default=5.0, help="clip each update's gradient norm")
     p.add_argument("--hidden", type=positive_int, default=None,
                    help="width of the hidden layers (default: 64 for vectors, 256 for frames, or the checkpoint's)")
@@ -279,10 +293,10 @@ class GaussianHead(nn.Module):
     """
     action_dtype = np.float32
 
-    def __init__(self, hidden, action_dims):
+    def __init__(self, hidden, action_dims, log_std_init=0.0):
         super().__init__()
         self.out = nn.Linear(hidden, action_dims)
-        self.log_std = nn.Parameter(torch.zeros(action_dims))  # sigma = 1 at the start
+        self.log_std = nn.Parameter(torch.full((action_dims,), float(log_std_init)))  # 0: sigma = 1 at the start
         self.action_shape = (action_dims,)
 
     def forward(self, h):
@@ -316,6 +330,43 @@ class ConvTorso(nn.Module):
         return torch.relu(self.fc(self.convs(frames.float() / 255)))
 
 
+class RunningMeanStd(nn.Module):
+    """The mean and variance of everything seen so far, per dimension, updated batch by batch.
+
+    Kept in buffers, so that they live where the weights live: in shared memory once the model is shared
+    (every worker updates and reads the same ones), and in state_dict (a checkpoint carries them). Workers
+    update the shared model's statistics without a lock, as Hogwild writes the weights: two updates at the
+    same moment may lose one or mix the two, which costs a running estimate a few samples; a lock would be
+    taken by every worker on every update, and one killed while holding it would hang the others.
+    """
+
+    def __init__(self, shape=()):
+        super().__init__()
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros(shape, dtype=torch.float64))
+        self.register_buffer("var", torch.ones(shape, dtype=torch.float64))
+
+    def update(self, batch):
+        """Fold in a batch [N, *shape] by the parallel formula of Chan et al. (1979); in place, so that a
+        shared model's statistics change for every process."""
+        batch = torch.as_tensor(batch, dtype=torch.float64)
+        n, count = batch.shape[0], self.count.item()
+        total = count + n
+        delta = batch.mean(0) - self.mean
+        self.var.copy_((self.var * count + batch.var(0, correction=0) * n + delta.square() * (count * n / total))
+                       / total)
+        self.mean.add_(delta * (n / total))
+        self.count.fill_(total)
+
+    def std(self):
+        return torch.sqrt(self.var + 1e-8).float()
+
+    def normalize(self, x, clip=10.0):
+        """(x - mean) / std, clipped to [-clip, clip] as Stable-Baselines3's VecNormalize does: a rare state
+        far outside what was seen cannot saturate the first layer."""
+        return ((x - self.mean.float()) / self.std()).clamp(-clip, clip)
+
+
 class ActorCritic(nn.Module):
     """A shared torso with a policy head and a value head V(s).
 
@@ -323,21 +374,32 @@ class ActorCritic(nn.Module):
     vector, ConvTorso for stacked frames. The action space picks the policy head: logits for Discrete
     actions, a Gaussian's mean (and a learned sigma) for Box actions. Everything after this (sampling,
     the loss, both workers, the learner, evaluation) goes through the head's sample, mode and
-    log_prob_entropy.
+    log_prob_entropy. Two flags add running statistics, kept here because they are part of the trained
+    agent: normalize_obs, of vector observations (frames are already scaled by 255); normalize_reward, of
+    the discounted return, whose standard deviation is the unit the critic's values are learned in.
+    separate_critic gives the value head a torso of its own, so that the value loss does not pull on the
+    policy's features (as in the paper's continuous agent, Stable-Baselines3 and CleanRL's MuJoCo scripts).
     """
 
-    def __init__(self, obs_size, n_actions, hidden=64, continuous=False):
+    def __init__(self, obs_size, n_actions, hidden=64, continuous=False, normalize_obs=False,
+                 normalize_reward=False, separate_critic=False, log_std_init=0.0):
         super().__init__()
         self.obs_size, self.hidden = obs_size, hidden
-        if isinstance(obs_size, int):
-            self.torso = nn.Sequential(nn.Linear(obs_size, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh())
-        else:
-            self.torso = ConvTorso(obs_size, hidden)
-        self.policy = (GaussianHead if continuous else CategoricalHead)(hidden, n_actions)
+        self.obs_stats = RunningMeanStd((obs_size,)) if normalize_obs else None
+        self.return_stats = RunningMeanStd() if normalize_reward else None
+
+        def torso():
+            if isinstance(obs_size, int):
+                return nn.Sequential(nn.Linear(obs_size, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh())
+            return ConvTorso(obs_size, hidden)
+        self.torso = torso()
+        self.critic_torso = torso() if separate_critic else None
+        self.policy = GaussianHead(hidden, n_actions, log_std_init) if continuous else CategoricalHead(hidden, n_actions)
         self.value = nn.Linear(hidden, 1)
         # Orthogonal init; a tiny policy layer starts the policy near uniform (or the Gaussian near mean 0),
         # maximal exploration, and a unit-scale value head lets V(s) reach the scale of the returns quickly.
-        torso = [(layer, math.sqrt(2)) for layer in self.torso.modules() if isinstance(layer, (nn.Linear, nn.Conv2d))]
+        torso = [(layer, math.sqrt(2)) for layer in self.modules() if isinstance(layer, (nn.Linear, nn.Conv2d))
+                 and layer is not self.policy.out and layer is not self.value]
         for layer, gain in torso + [(self.policy.out, 0.01), (self.value, 1.0)]:
             nn.init.orthogonal_(layer.weight, gain)
             nn.init.zeros_(layer.bias)
@@ -347,8 +409,25 @@ class ActorCritic(nn.Module):
 
     def forward(self, obs):
         """obs [B, obs_size] float32 or [B, C, H, W] uint8 -> (policy head output [B, n_actions], value [B])."""
+        if self.obs_stats is not None:
+            obs = self.obs_stats.normalize(obs)
         h = self.torso(obs)
-        return self.policy(h), self.value(h).squeeze(-1)
+        h_critic = h if self.critic_torso is None else self.critic_torso(obs)
+        return self.policy(h), self.value(h_critic).squeeze(-1)
+
+    def reward_scale(self):
+        """What rewards are multiplied by before the critic learns from them: 1 / the running standard
+        deviation of the discounted return with normalize_reward (as VecNormalize does), else 1."""
+        return 1.0 if self.return_stats is None else 1.0 / self.return_stats.std().item()
+
+
+MODEL_FLAGS = ("normalize_obs", "normalize_reward", "separate_critic")  # on/off flags that shape the model
+
+
+def new_model(shape, args):
+    """The ActorCritic for an env's model_shape (or a checkpoint's) and the flags that shape the network."""
+    return ActorCritic(**shape, hidden=args.hidden, log_std_init=args.log_std_init,
+                       **{flag: getattr(args, flag) for flag in MODEL_FLAGS})
 
 
 def sample_actions(model, obs, rng):
@@ -514,6 +593,20 @@ def n_step_returns(rewards, bootstrap_value, gamma):
     return torch.tensor(returns, dtype=torch.float32)
 
 
+def lambda_returns(rewards, values, bootstrap_value, gamma, lam):
+    """GAE's value targets (Schulman et al. 2016): R_t = r_t + gamma * ((1 - lam) V(s_{t+1}) + lam R_{t+1}),
+    with R_T = bootstrap_value, so that R_t - V(s_t) is the GAE(gamma, lam) advantage sum_l (gamma lam)^l delta_{t+l},
+    delta_t = r_t + gamma V(s_{t+1}) - V(s_t).
+
+    That recursion is an n-step return of the rewards r_t + gamma (1 - lam) V(s_{t+1}) discounted by gamma lam:
+    with lam = 1 it is exactly n_step_returns (the paper's A3C), with lam = 0 the one-step TD target.
+    Args: rewards [T], values [T] = V(s_0) .. V(s_{T-1}) (no gradient), bootstrap_value as for n_step_returns.
+    Returns: float32 tensor [T].
+    """
+    next_values = np.append(np.asarray(values, dtype=np.float32)[1:], np.float32(bootstrap_value))  # V(s_{t+1})
+    return n_step_returns(rewards + gamma * (1 - lam) * next_values, bootstrap_value, gamma * lam)
+
+
 def a3c_loss(log_probs, entropy, values, returns, value_coef, entropy_coef):
     """policy_loss + value_coef * value_loss - entropy_coef * entropy, averaged over the T steps.
 
@@ -544,20 +637,22 @@ def explained_variance(values, returns):
     return 1 - (returns - values).var(correction=0) / variance
 
 
-def rollout_loss(model, rollouts, gamma, value_coef, entropy_coef, reward_scale=1.0):
+def rollout_loss(model, rollouts, gamma, value_coef, entropy_coef, reward_scale=1.0, gae_lambda=1.0):
     """The A3C loss of a batch of rollouts under the model's current weights: the single piece of maths
     both modes train with, from the rollouts to one scalar.
 
-    The critic learns the values of rewards * reward_scale. Scaling every reward by one positive
-    factor scales every return and value by it and leaves the best policy unchanged, but it sets the
-    size of the value loss (which grows with its square) against the policy and entropy terms: with
-    raw returns near 1 / (1 - gamma) = 100, the value gradient swamps the shared torso.
+    The critic learns the values of rewards * reward_scale * model.reward_scale(). Scaling every reward
+    by one positive factor scales every return and value by it and leaves the best policy unchanged, but
+    it sets the size of the value loss (which grows with its square) against the policy and entropy
+    terms: with raw returns near 1 / (1 - gamma) = 100, the value gradient swamps the shared torso.
     The final observations get their own forward pass (bootstrap_values), without autograd: inside the
     trained batch they would cost backward work for rows that receive no gradient.
     """
     head_out, values = model(torch.from_numpy(np.concatenate([r.obs for r in rollouts])))  # s_0 .. s_{T-1}
-    returns = torch.cat([n_step_returns(r.rewards * reward_scale, bootstrap, gamma)
-                         for r, bootstrap in zip(rollouts, bootstrap_values(model, rollouts))])
+    scale = reward_scale * model.reward_scale()
+    values_of = np.split(values.detach().numpy(), np.cumsum([len(r.rewards) for r in rollouts])[:-1])
+    returns = torch.cat([lambda_returns(r.rewards * scale, v, bootstrap, gamma, gae_lambda)
+                         for r, v, bootstrap in zip(rollouts, values_of, bootstrap_values(model, rollouts))])
     actions = torch.from_numpy(np.concatenate([r.actions for r in rollouts]))
     log_probs, entropy = model.policy.log_prob_entropy(head_out, actions)
     loss, stats = a3c_loss(log_probs, entropy, values, returns, value_coef, entropy_coef)
@@ -573,9 +668,10 @@ def check_finite(loss):
 # --- 7. Workers ------------------------------------------------------------------------------------
 
 def sync_model(local_model, shared_model):
-    """Copy the shared weights into the local model in place (no new tensors, no new network)."""
+    """Copy the shared weights, and running statistics if any, into the local model in place."""
     with torch.no_grad():
-        for local, shared in zip(local_model.parameters(), shared_model.parameters()):
+        for local, shared in zip([*local_model.parameters(), *local_model.buffers()],
+                                 [*shared_model.parameters(), *shared_model.buffers()]):
             local.copy_(shared)
 
 
@@ -598,6 +694,25 @@ def hogwild_update(local_model, shared_model, optimizer, loss, max_grad_norm):
     return grad_norm
 
 
+def update_statistics(shared_model, buffer, segments, discounted, gamma):
+    """Fold what a worker's envs just showed into the shared model's running statistics, if it keeps any:
+    the observations s_t, and the discounted return G = r_t + gamma G of each env, zeroed when an episode
+    ends, whose standard deviation scales the rewards (VecNormalize's rule). discounted [K] carries each
+    env's G from one rollout to the next."""
+    if shared_model.obs_stats is not None:
+        shared_model.obs_stats.update(buffer.obs.reshape(-1, buffer.obs.shape[-1]))
+    if shared_model.return_stats is not None:
+        ended = np.zeros(buffer.rewards.shape, dtype=bool)  # [n_steps, K]
+        for s in segments:
+            ended[s.stop - 1, s.env] = s.episode is not None
+        seen = np.empty_like(buffer.rewards)
+        for t in range(len(seen)):
+            discounted[:] = gamma * discounted + buffer.rewards[t]
+            seen[t] = discounted
+            discounted[ended[t]] = 0.0
+        shared_model.return_stats.update(seen.reshape(-1))
+
+
 def worker_setup(rank, args):
     """What every worker does first: its seeds, its own envs, its own local model."""
     torch.manual_seed(args.seed + rank)
@@ -606,7 +721,7 @@ def worker_setup(rank, args):
     seeds = [args.seed + rank + k * args.workers for k in range(args.envs_per_worker)]
     envs = [make_env(args.env, seed) for seed in seeds]
     obs = observation_batch([env.reset(seed=seed)[0] for env, seed in zip(envs, seeds)])
-    model = ActorCritic(**model_shape(envs[0]), hidden=args.hidden)
+    model = new_model(model_shape(envs[0]), args)
     return envs, model, obs, rng
 
 
@@ -622,14 +737,16 @@ def gradient_worker(rank, args, shared_model, optimizer, worker_steps, messages,
     with worker_process(rank, messages):
         envs, local_model, obs, rng = worker_setup(rank, args)
         buffer = step_buffer(local_model, args.n_steps, len(envs)).numpy()
+        discounted = np.zeros(len(envs))
         stats, last_sent = UpdateStats(), time.monotonic()
         while not stop_event.is_set() and parent_alive(parent_pid):
             sync_model(local_model, shared_model)
             segments = collect_segments(envs, local_model, obs, buffer, rng)
             loss, update = rollout_loss(local_model, rollouts_in(buffer, segments), args.gamma, args.value_coef,
-                                        args.entropy_coef, args.reward_scale)
+                                        args.entropy_coef, args.reward_scale, args.gae_lambda)
             check_finite(loss)
             update["grad_norm"] = hogwild_update(local_model, shared_model, optimizer, loss, args.max_grad_norm)
+            update_statistics(shared_model, buffer, segments, discounted, args.gamma)  # after: acted and learned alike
             stats.add(update)
             worker_steps[rank] += args.n_steps * len(envs)
             episodes = [s.episode for s in segments if s.episode is not None]
@@ -674,6 +791,7 @@ def data_worker(rank, args, shared_model, policy_version, buffers, free_buffers,
     with worker_process(rank, messages):
         envs, local_model, obs, rng = worker_setup(rank, args)
         buffers = [buffer.numpy() for buffer in buffers]
+        discounted = np.zeros(len(envs))
         sent = 0
         while not stop_event.is_set() and parent_alive(parent_pid):
             # The learner hands a buffer back (releases free_buffers) once it has learned from it, in the
@@ -685,6 +803,7 @@ def data_worker(rank, args, shared_model, policy_version, buffers, free_buffers,
             version = policy_version.value  # read first: the weights copied next are at least this new
             sync_model(local_model, shared_model)
             segments = collect_segments(envs, local_model, obs, buffers[index], rng)
+            update_statistics(shared_model, buffers[index], segments, discounted, args.gamma)
             worker_steps[rank] += args.n_steps * len(envs)
             # A few hundred bytes, one Segment per rollout: under PIPE_BUF (4 KiB) unless a worker steps
             # hundreds of envs, the pipe takes it in one atomic write, so a worker killed while sending leaves
@@ -743,7 +862,7 @@ class Learner:
         rollouts = [rollout for m in self.batch
                     for rollout in rollouts_in(self.buffers[m.rank][m.index].numpy(), m.segments)]
         loss, stats = rollout_loss(self.shared_model, rollouts, args.gamma, args.value_coef, args.entropy_coef,
-                                   args.reward_scale)
+                                   args.reward_scale, args.gae_lambda)
         check_finite(loss)
         self.optimizer.zero_grad()
         loss.backward()
@@ -943,7 +1062,8 @@ def stop_processes(processes, queues):
 
 # --- 10. Checkpoints --------------------------------------------------------------------------------
 
-CHECKPOINT_FORMAT = "a3c.py checkpoint v2"  # v2: torso and policy head as modules, any action space
+CHECKPOINT_FORMAT = "a3c.py checkpoint v3"  # v3: the MODEL_FLAGS (running statistics, a separate critic)
+OLDER_FORMATS = {"a3c.py checkpoint v2": dict.fromkeys(MODEL_FLAGS, False)}  # v2 had none of them
 
 
 def save_checkpoint(path, model, optimizer, args, steps, episodes, recent_returns):
@@ -956,6 +1076,8 @@ def save_checkpoint(path, model, optimizer, args, steps, episodes, recent_return
     checkpoint = {"format": CHECKPOINT_FORMAT, "env": args.env, "obs_size": model.obs_size,
                   "n_actions": model.policy.out.out_features, "hidden": model.hidden,
                   "continuous": isinstance(model.policy, GaussianHead),
+                  "normalize_obs": model.obs_stats is not None, "normalize_reward": model.return_stats is not None,
+                  "separate_critic": model.critic_torso is not None,  # the MODEL_FLAGS it was built with
                   "model": model.state_dict(), "optimizer": optimizer.state_dict(), "args": vars(args),
                   "steps": steps, "episodes": episodes, "recent_returns": list(recent_returns)}
     tmp = f"{path}.tmp"  # in the same folder, so os.replace is a rename within one file system
@@ -980,9 +1102,9 @@ def load_checkpoint(path):
         checkpoint = torch.load(path, weights_only=True)  # weights_only: loading runs no pickled code
     except Exception as e:
         raise UsageError(f"checkpoint {path}: not readable as an a3c.py checkpoint ({type(e).__name__})")
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") not in (CHECKPOINT_FORMAT, *OLDER_FORMATS):
         raise UsageError(f"checkpoint {path}: not an a3c.py checkpoint")
-    return checkpoint
+    return {**OLDER_FORMATS.get(checkpoint["format"], {}), **checkpoint}
 
 
 def checkpoint_shape(checkpoint):
@@ -1117,7 +1239,7 @@ def train(args, checkpoint=None):
     keep_freed_memory()  # for the learner, in data mode
     torch.manual_seed(args.seed)
     env = make_env(args.env)
-    shared_model = ActorCritic(**model_shape(env), hidden=args.hidden)
+    shared_model = new_model(model_shape(env), args)
     env.close()
     shared_model.share_memory()
     ctx = start_method()
@@ -1180,7 +1302,7 @@ def evaluate(args, checkpoint):
         with warnings.catch_warnings():  # prepare() created the folder: RecordVideo would warn that it exists
             warnings.simplefilter("ignore")
             env = gym.wrappers.RecordVideo(env, args.video, episode_trigger=lambda episode: True, name_prefix="eval")
-    model = ActorCritic(**checkpoint_shape(checkpoint), hidden=checkpoint["hidden"])
+    model = new_model(checkpoint_shape(checkpoint), args)  # prepare() took the flags that shape it from it
     model.load_state_dict(checkpoint["model"])
     returns, steps, start = [], 0, time.perf_counter()
     for episode in range(args.episodes):
@@ -1219,7 +1341,8 @@ def make_folder(flag, folder):
 
 def prepare(args):
     """Check every input before a process starts and fill in the defaults that depend on the env or the
-    checkpoint (--env, --hidden, --target-return); returns the checkpoint to load, if any."""
+    checkpoint (--env, --hidden, --normalize-*, --reward-scale, --target-return); returns the checkpoint to
+    load, if any."""
     checkpoint = None
     path = args.eval or args.resume
     if args.eval and args.resume:
@@ -1230,6 +1353,10 @@ def prepare(args):
             raise UsageError(f"checkpoint {path} was made for {checkpoint['env']}, not {args.env}")
         if args.hidden is not None and args.hidden != checkpoint["hidden"]:
             raise UsageError(f"checkpoint {path} has --hidden {checkpoint['hidden']}, not {args.hidden}")
+        for flag in MODEL_FLAGS:  # the checkpoint's, which a flag cannot add to a trained model
+            if getattr(args, flag) and not checkpoint[flag]:
+                raise UsageError(f"checkpoint {path} was trained without --{flag.replace('_', '-')}")
+            setattr(args, flag, checkpoint[flag])
         args.env, args.hidden = checkpoint["env"], checkpoint["hidden"]
     args.env = args.env or "CartPole-v1"
     try:
@@ -1241,7 +1368,11 @@ def prepare(args):
     except ValueError as e:
         raise UsageError(f"environment {e}")
     shape, render_modes = model_shape(env), env.metadata.get("render_modes", [])
+    if args.normalize_obs and not isinstance(shape["obs_size"], int):
+        env.close()
+        raise UsageError(f"--normalize-obs: {args.env}'s observations are frames, which the network scales by 255")
     args.hidden = args.hidden or (64 if isinstance(shape["obs_size"], int) else 256)
+    args.reward_scale = args.reward_scale or (1.0 if args.normalize_reward else 0.1)
     if args.target_return is None:
         args.target_return = env.spec.reward_threshold
     env.close()

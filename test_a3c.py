@@ -53,6 +53,46 @@ def test_returns_do_not_change_inputs():
     np.testing.assert_array_equal(rewards, [1.0, 2.0])
 
 
+# --- GAE ----------------------------------------------------------------------------------------------
+
+def test_lambda_one_gives_exactly_the_n_step_returns():
+    rng = np.random.default_rng(0)
+    rewards, values = rng.standard_normal(7).astype(np.float32), rng.standard_normal(7).astype(np.float32)
+    for bootstrap in (0.0, 1.7):
+        assert torch.equal(a3c.lambda_returns(rewards, values, bootstrap, 0.99, 1.0),
+                           a3c.n_step_returns(rewards, bootstrap, 0.99))
+
+
+def test_lambda_zero_gives_one_step_td_targets():
+    rewards, values = np.array([1.0, 0.0, 2.0], np.float32), np.array([0.5, -1.0, 3.0], np.float32)
+    targets = a3c.lambda_returns(rewards, values, 4.0, 0.5, 0.0)  # r_t + gamma V(s_{t+1}), V(s_3) = 4
+    torch.testing.assert_close(targets, torch.tensor([1.0 + 0.5 * -1.0, 0.0 + 0.5 * 3.0, 2.0 + 0.5 * 4.0]))
+
+
+@pytest.mark.parametrize("bootstrap", [0.0, 4.0], ids=["terminated", "truncated"])
+def test_gae_advantages_by_hand(bootstrap):
+    """gamma = 0.5, lam = 0.5, rewards [1, 1, 1], V(s_t) = [1, 2, 3] and V(s_3) = 4 after a truncation (0 after
+    a termination): delta_t = r_t + gamma V(s_{t+1}) - V(s_t), A_t = delta_t + (gamma lam) A_{t+1}."""
+    rewards, values = np.ones(3, np.float32), np.array([1.0, 2.0, 3.0], np.float32)
+    deltas = [1 + 0.5 * 2 - 1, 1 + 0.5 * 3 - 2, 1 + 0.5 * bootstrap - 3]  # [1, 0.5, -2 + bootstrap / 2]
+    a2 = deltas[2]
+    a1 = deltas[1] + 0.25 * a2
+    a0 = deltas[0] + 0.25 * a1
+    targets = a3c.lambda_returns(rewards, values, bootstrap, 0.5, 0.5)
+    torch.testing.assert_close(targets - torch.from_numpy(values), torch.tensor([a0, a1, a2]))
+
+
+def test_gae_lambda_flag_reaches_the_loss():
+    """With V = s[0] the value loss depends on lam: the flag changes the targets, lam = 1 does not."""
+    rollout = make_rollout(1.0, 3)  # V(s_t) = 1, 2, 3 and V(s_3) = 4
+    losses = [a3c.rollout_loss(ValueIsFirstCoordinate(), [rollout], 0.5, 1.0, 0.0, gae_lambda=lam)[1]["value_loss"]
+              for lam in (1.0, 0.0)]
+    # lam = 1: R = [1 + .5 + .25 + .125 * 4, 1.5 + .25 * 4 ... ] = [2.25, 2.5, 3]; lam = 0: R = r + V(s_{t+1}) / 2
+    expected = [0.5 * np.mean((np.array([2.25, 2.5, 3.0]) - [1, 2, 3]) ** 2),
+                0.5 * np.mean((np.array([2.0, 2.5, 3.0]) - [1, 2, 3]) ** 2)]
+    assert [loss.item() for loss in losses] == pytest.approx(expected)
+
+
 # --- rollouts and the bootstrap rule ----------------------------------------------------------------
 
 class CountingEnv(gym.Env):
@@ -148,6 +188,9 @@ class ValueIsFirstCoordinate:
     def __call__(self, obs):
         self.calls.append(obs.clone())
         return torch.zeros(obs.shape[0], 2, requires_grad=True), obs[:, 0].clone().requires_grad_()
+
+    def reward_scale(self):
+        return 1.0
 
 
 value_is_first_coordinate = ValueIsFirstCoordinate()
@@ -461,6 +504,134 @@ def test_gradient_from_spawned_child_updates_shared_model_as_adam_would(continuo
             first = [p.detach().clone() for p in shared_model.parameters()]
     assert any(not torch.equal(p, q) for p, q in zip(shared_model.parameters(), first))
 
+
+# --- running statistics: observation and reward normalisation ------------------------------------------
+
+def test_running_statistics_equal_numpy_over_all_batches():
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(loc, scale, (n, 3)) for loc, scale, n in [(5.0, 2.0, 7), (-1.0, 0.5, 1), (0.0, 10.0, 50)]]
+    stats = a3c.RunningMeanStd((3,))
+    for batch in batches:
+        stats.update(batch)
+    everything = np.concatenate(batches)
+    assert stats.count.item() == 58
+    np.testing.assert_allclose(stats.mean.numpy(), everything.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(stats.var.numpy(), everything.var(0), rtol=1e-12)
+    x = torch.tensor([[5.0, 0.0, 1e6]])
+    expected = np.clip((x.numpy() - everything.mean(0)) / np.sqrt(everything.var(0) + 1e-8), -10, 10)
+    np.testing.assert_allclose(stats.normalize(x).numpy(), expected, rtol=1e-5)
+    assert stats.normalize(x)[0, 2].item() == 10.0  # clipped
+
+
+def child_updates_statistics(shared_model):
+    shared_model.obs_stats.update(np.full((4, 4), 3.0))
+    shared_model.return_stats.update(np.array([1.0, 3.0]))
+
+
+def test_statistics_updated_in_a_spawned_child_are_seen_by_the_parent():
+    shared_model = a3c.ActorCritic(4, 2, hidden=8, normalize_obs=True, normalize_reward=True)
+    shared_model.share_memory()
+    child = SPAWN.Process(target=child_updates_statistics, args=(shared_model,))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    assert shared_model.obs_stats.count.item() == 4 and torch.equal(shared_model.obs_stats.mean,
+                                                                    torch.full((4,), 3.0, dtype=torch.float64))
+    assert shared_model.return_stats.var.item() == 1.0 and shared_model.reward_scale() == pytest.approx(1.0)
+    # and a worker's local model reads them at its next sync
+    local_model = a3c.ActorCritic(4, 2, hidden=8, normalize_obs=True, normalize_reward=True)
+    a3c.sync_model(local_model, shared_model)
+    assert torch.equal(local_model.obs_stats.mean, shared_model.obs_stats.mean)
+
+
+def test_update_statistics_folds_in_observations_and_discounted_returns_reset_at_episode_ends():
+    model = a3c.ActorCritic(2, 2, hidden=8, normalize_obs=True, normalize_reward=True)
+    buffer = a3c.step_buffer(model, 3, 2).numpy()
+    buffer.obs[:] = np.arange(12, dtype=np.float32).reshape(3, 2, 2)
+    buffer.rewards[:] = [[1.0, 2.0], [1.0, 2.0], [1.0, 2.0]]
+    # env 0's episode ends after step 0 (terminated); env 1's rollout is cut by n_steps, no episode ends
+    segments = [a3c.Segment(0, 0, 1, True, False, (5.0, 5)), a3c.Segment(1, 0, 3, False, False, None),
+                a3c.Segment(0, 1, 3, False, False, None)]
+    discounted = np.array([10.0, 0.0])  # env 0 carries G = 10 from its previous rollout
+    a3c.update_statistics(model, buffer, segments, discounted, 0.5)
+    seen = [0.5 * 10 + 1, 1, 1.5, 2, 3, 3.5]  # env 0: 6, then reset: 1, 1.5; env 1: 2, 3, 3.5
+    assert model.return_stats.mean.item() == pytest.approx(np.mean(seen))
+    assert model.return_stats.var.item() == pytest.approx(np.var(seen))
+    np.testing.assert_allclose(discounted, [1.5, 3.5])  # carried on to the next rollout
+    np.testing.assert_allclose(model.obs_stats.mean.numpy(), np.arange(12).reshape(6, 2).mean(0))
+
+
+def test_reward_normalisation_changes_what_the_critic_learns():
+    """With a zero value head, value_loss = mean(R^2) / 2, and R scales with the reward: a running std of 2
+    quarters the loss."""
+    plain = a3c.ActorCritic(2, 2, hidden=8)
+    scaled = a3c.ActorCritic(2, 2, hidden=8, normalize_reward=True)
+    scaled.load_state_dict(plain.state_dict(), strict=False)
+    scaled.return_stats.update(np.array([-2.0, 2.0]))  # std 2
+    for model in (plain, scaled):
+        with torch.no_grad():
+            model.value.weight.zero_()
+            model.value.bias.zero_()
+    rollout = make_rollout(1.0, 3, terminated=True)
+    losses = [a3c.rollout_loss(model, [rollout], 0.9, 1.0, 0.0)[1]["value_loss"].item() for model in (plain, scaled)]
+    assert losses[1] == pytest.approx(losses[0] / 4, rel=1e-6)
+
+
+def test_normalised_run_keeps_true_returns_and_its_statistics_round_trip(tmp_path, monkeypatch, capsys):
+    """Rewards scaled for learning only: the CSV still has CartPole's true returns (1 per step). The statistics
+    count every observation the workers saw, come back with --resume and keep counting; --eval reads them
+    and never updates them."""
+    path, csv_path = str(tmp_path / "model.pth"), tmp_path / "episodes.csv"
+    common = ["--workers", "1", "--hidden", "16", "--save", path, "--target-return", "1e9"]
+    assert a3c.main([*common, "--max-steps", "3000", "--normalize-obs", "--normalize-reward",
+                     "--log-csv", str(csv_path)]) == 0
+    rows = [row.split(",") for row in csv_path.read_text().splitlines()[1:]]
+    assert rows and all(float(row[3]) == int(row[4]) for row in rows)
+    first = a3c.load_checkpoint(path)
+    assert first["normalize_obs"] and first["normalize_reward"]
+    assert first["model"]["obs_stats.count"].item() == first["steps"] == first["model"]["return_stats.count"].item()
+    assert first["model"]["return_stats.var"].item() > 1.0  # CartPole's discounted returns grow past 1
+    # --resume takes the checkpoint's flags and continues the statistics
+    assert a3c.main(["--resume", path, *common, "--max-steps", "6000", "--mode", "data"]) == 0
+    second = a3c.load_checkpoint(path)
+    assert second["model"]["obs_stats.count"].item() == second["steps"] >= 6000
+    # --eval: the statistics are read (normalisation on) and frozen
+    monkeypatch.setattr(a3c.RunningMeanStd, "update", lambda self, batch: pytest.fail("--eval updated statistics"))
+    normalized = []
+    monkeypatch.setattr(a3c.RunningMeanStd, "normalize", lambda self, x, clip=10.0: normalized.append(1) or x)
+    before = (tmp_path / "model.pth").read_bytes()
+    assert a3c.main(["--eval", path, "--episodes", "2"]) == 0
+    assert normalized and (tmp_path / "model.pth").read_bytes() == before
+    # a statistic cannot be added to a model trained without it
+    capsys.readouterr()
+    save_small_checkpoint(tmp_path / "plain.pth")
+    assert a3c.main(["--eval", str(tmp_path / "plain.pth"), "--normalize-obs"]) == 2
+    assert "trained without --normalize-obs" in capsys.readouterr().err
+
+
+def test_separate_critic_keeps_the_value_loss_out_of_the_policy_torso():
+    torch.manual_seed(0)
+    obs = torch.randn(5, 3)
+    for separate in (False, True):
+        model = a3c.ActorCritic(3, 2, hidden=8, continuous=True, separate_critic=separate, log_std_init=-0.5)
+        assert torch.equal(model.policy.log_std.detach(), torch.full((2,), -0.5))
+        _, values = model(obs)
+        values.pow(2).sum().backward()
+        policy_torso_grad = sum(0.0 if p.grad is None else p.grad.abs().sum().item() for p in model.torso.parameters())
+        assert (policy_torso_grad == 0.0) == separate
+        if separate:
+            assert all(p.grad.abs().sum() > 0 for p in model.critic_torso.parameters())
+
+
+def test_checkpoint_from_before_the_statistics_loads_without_them(tmp_path, capsys):
+    path = tmp_path / "v2.pth"
+    save_small_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["normalize_obs"], checkpoint["normalize_reward"]
+    checkpoint["format"] = "a3c.py checkpoint v2"
+    torch.save(checkpoint, path)
+    assert a3c.main(["--eval", str(path), "--episodes", "1"]) == 0
+    assert "result: solved=" in capsys.readouterr().out
 
 # --- data path ---------------------------------------------------------------------------------------
 
@@ -846,6 +1017,8 @@ def test_bad_flag_is_one_line_and_exit_2(flags, message, capsys):
     (["--eval", "cartpole.pth", "--video", "videos", "--render"], "--video and --render exclude each other"),
     (["--eval", "box.pth", "--video", "videos"], "RecordingBox-v0 cannot render its screen as an image"),
     (["--eval", "cartpole.pth", "--video", "cartpole.pth/videos"], "--video cartpole.pth/videos: cannot create it"),
+    (["--env", "ALE/Pong-v5", "--target-return", "18", "--normalize-obs"], "observations are frames"),
+    (["--resume", "cartpole.pth", "--separate-critic"], "was trained without --separate-critic"),
 ])
 def test_bad_input_is_one_line_and_exit_2(flags, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
