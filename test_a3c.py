@@ -623,6 +623,15 @@ def test_separate_critic_keeps_the_value_loss_out_of_the_policy_torso():
             assert all(p.grad.abs().sum() > 0 for p in model.critic_torso.parameters())
 
 
+def test_reward_scale_default_is_not_applied_on_top_of_reward_normalisation():
+    scales = []
+    for flags in ([], ["--normalize-reward"], ["--normalize-reward", "--reward-scale", "0.5"]):
+        args = a3c.parse_args(flags)
+        a3c.prepare(args)
+        scales.append(args.reward_scale)
+    assert scales == [0.1, 1.0, 0.5]
+
+
 def test_checkpoint_from_before_the_statistics_loads_without_them(tmp_path, capsys):
     path = tmp_path / "v2.pth"
     save_small_checkpoint(path)
