@@ -20,7 +20,8 @@ learner; then how processes are run, checkpoints, the monitor and train(), evalu
     python a3c.py --env Pendulum-v1 --target-return -200 --workers 2 --gamma 0.95 --lr 0.001
 
 References: Mnih et al. 2016, "Asynchronous Methods for Deep Reinforcement Learning", arXiv:1602.01783
-(Algorithm S3); Recht et al. 2011, "Hogwild!", arXiv:1106.5730.
+(Algorithm S3); Recht et al. 2011, "Hogwild!", arXiv:1106.5730; Schulman et al. 2016, "High-Dimensional
+Continuous Control Using Generalized Advantage Estimation", arXiv:1506.02438 (--gae-lambda).
 """
 import argparse
 import contextlib
@@ -760,7 +761,7 @@ def gradient_worker(rank, args, shared_model, optimizer, worker_steps, messages,
 class Hogwild:
     """Gradient mode, seen from the main process: the workers learn on their own, writing the shared model
     through SharedAdam; their reports only feed the monitor."""
-    worker = staticmethod(gradient_worker)
+    worker = staticmethod(gradient_worker)  # what each worker process runs (Learner has the same three members)
 
     def __init__(self, args, shared_model, ctx):
         self.shared_model = shared_model
