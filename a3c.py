@@ -862,19 +862,19 @@ class Learner:
         args = self.args
         rollouts = [rollout for m in self.batch
                     for rollout in rollouts_in(self.buffers[m.rank][m.index].numpy(), m.segments)]
-        loss, stats = rollout_loss(self.shared_model, rollouts, args.gamma, args.value_coef, args.entropy_coef,
-                                   args.reward_scale, args.gae_lambda)
+        loss, update = rollout_loss(self.shared_model, rollouts, args.gamma, args.value_coef, args.entropy_coef,
+                                    args.reward_scale, args.gae_lambda)
         check_finite(loss)
         self.optimizer.zero_grad()
         loss.backward()
-        stats["grad_norm"] = nn.utils.clip_grad_norm_(self.shared_model.parameters(), args.max_grad_norm)
+        update["grad_norm"] = nn.utils.clip_grad_norm_(self.shared_model.parameters(), args.max_grad_norm)
         self.optimizer.step()
-        stats["policy_lag"] = sum(self.version.value - m.version for m in self.batch) / len(self.batch)
+        update["policy_lag"] = sum(self.version.value - m.version for m in self.batch) / len(self.batch)
         self.version.value += 1
         for m in self.batch:  # learned from: the worker may overwrite it
             self.free_buffers[m.rank].release()
         self.batch = []
-        return stats
+        return update
 
 
 # --- 9. Processes: start, signals, liveness, stop -------------------------------------------------
