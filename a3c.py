@@ -112,6 +112,11 @@ def parse_args(argv=None):
                         "return, shared and kept like --normalize-obs's statistics (default: the checkpoint's)")
     p.add_argument("--log-std-init", type=number(float), default=0.0,
                    help="Box actions: the Gaussian's log standard deviation at the start (0: sigma = 1)")
+    p.add_argument("--lstm", action="store_true",
+                   help="A3C LSTM: an LSTM between the torso and the heads, its state carried from step to step "
+                        "(default: the checkpoint's)")
+    p.add_argument("--frame-stack", type=positive_int, default=None,
+                   help="frames: how many of the last frames an observation holds (default: 4, or the checkpoint's)")
     p.add_argument("--separate-critic", action="store_true",
                    help="give the value head a torso of its own instead of sharing the policy's "
                         "(default: the checkpoint's)")
@@ -143,7 +148,7 @@ def parse_args(argv=None):
 
 # --- 2. Environment --------------------------------------------------------------------------------
 
-def make_env(env_id, seed=None, render_mode=None):
+def make_env(env_id, seed=None, render_mode=None, frame_stack=4):
     """Build a Gymnasium env (5-tuple step) that reports each episode's true undiscounted return.
 
     The TimeLimit wrapper stays on: it is what tells a time-limit truncation from a real termination.
@@ -169,7 +174,7 @@ def make_env(env_id, seed=None, render_mode=None):
     env = gym.wrappers.RecordEpisodeStatistics(env)
     obs_space, action_space = env.observation_space, env.action_space
     if isinstance(obs_space, gym.spaces.Box) and obs_space.dtype == np.uint8 and len(obs_space.shape) in (2, 3):
-        env = pixels_to_frames(env)
+        env = pixels_to_frames(env, frame_stack)
     elif not (isinstance(obs_space, gym.spaces.Box) and len(obs_space.shape) == 1):
         env.close()
         raise ValueError(f"{env_id}: observation space {obs_space} is neither a 1-D Box nor a uint8 image")
@@ -188,11 +193,8 @@ def make_env(env_id, seed=None, render_mode=None):
     return env
 
 
-FRAME_STACK = 4  # frames a pixel observation holds, so that it shows motion (Mnih et al. 2015)
-
-
-def pixels_to_frames(env):
-    """Grayscale, halve each side by averaging 2x2 blocks, stack the last FRAME_STACK frames; clip rewards.
+def pixels_to_frames(env, frame_stack=4):
+    """Grayscale, halve each side by averaging 2x2 blocks, stack the last frame_stack frames; clip rewards.
 
     As in DQN and A3C, but without OpenCV: ALE's 210x160 screen becomes 105x80, about as many pixels as
     the usual 84x84. Frames stay uint8 (4 times smaller than float32 in rollouts and messages) until
@@ -200,6 +202,8 @@ def pixels_to_frames(env):
     return reported comes from RecordEpisodeStatistics, inside these wrappers, so it is the game's score.
     ALE/*-v5 ids skip 4 frames themselves (frameskip=4); make_env adds the skip, with the max over the last two
     frames (objects that flicker show in one of them), to an env that declares frameskip=1.
+    Four stacked frames show motion to a feed-forward network (Mnih et al. 2015); with --lstm one frame can
+    do, since the recurrent state can remember the ones before.
     """
     height, width = env.observation_space.shape[0] // 2, env.observation_space.shape[1] // 2
 
@@ -214,7 +218,7 @@ def pixels_to_frames(env):
 
     env = gym.wrappers.ClipReward(env, -1.0, 1.0)
     env = gym.wrappers.TransformObservation(env, downsample, gym.spaces.Box(0, 255, (height, width), np.uint8))
-    return gym.wrappers.FrameStackObservation(env, FRAME_STACK)
+    return gym.wrappers.FrameStackObservation(env, frame_stack)
 
 
 def observation_batch(observations):
@@ -331,6 +335,65 @@ class ConvTorso(nn.Module):
         return torch.relu(self.fc(self.convs(frames.float() / 255)))
 
 
+class NoCore(nn.Module):
+    """The feed-forward agent's core: the torso's features go straight to the heads, and there is no state
+    to carry (its size is 0, so the same code carries it for both cores)."""
+    state_size = 0
+
+    def forward(self, features, state, lengths=None):
+        return features, state
+
+
+class LSTMCore(nn.Module):
+    """--lstm: LSTM cells between the torso and the heads, as in the paper's A3C LSTM (Mnih et al. 2016: 256
+    cells after the conv torso's last layer), so that the policy and the value can use what was seen before.
+
+    Its state is h and c side by side in one tensor [n, 2 * hidden]. forward() runs n sequences of steps
+    laid end to end (each env's rollout) in lockstep through time: a sequence that has ended keeps its last
+    state while longer ones go on, so rollouts of unequal length are batched with one loop over time steps,
+    not one over rollouts. Acting (one step of each env) and learning take the same step(), so with the
+    same weights and the same starting state they give the same outputs.
+    """
+
+    def __init__(self, hidden):
+        super().__init__()
+        self.input_weights = nn.Linear(hidden, 4 * hidden)  # W x_t + b, for the four gates
+        self.hidden_weights = nn.Linear(hidden, 4 * hidden, bias=False)  # U h_{t-1}
+        self.state_size = 2 * hidden
+        for layer in (self.input_weights, self.hidden_weights):
+            nn.init.orthogonal_(layer.weight)
+        nn.init.zeros_(self.input_weights.bias)
+
+    def step(self, input_gates, h, c):
+        """One LSTM step with a forget gate: [i, f, g, o] = W x_t + b + U h_{t-1};
+        c_t = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(g); h_t = sigmoid(o) * tanh(c_t)."""
+        i, f, g, o = (input_gates + self.hidden_weights(h)).chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+
+    def forward(self, features, state, lengths=None):
+        """features [N, hidden] of n sequences laid end to end, lengths [n] (summing to N, or None for n = N
+        sequences of one step), state [n, 2 * hidden] before each one's first step
+        -> (outputs [N, hidden] in the order of features, state [n, 2 * hidden] after each one's last step)."""
+        h, c = state.chunk(2, dim=1)
+        # W x_t + b of every step in one matrix product: only U h_{t-1} has to wait for the step before
+        input_gates = self.input_weights(features)  # [N, 4 * hidden]
+        if lengths is None:  # acting: one step of each env, nothing to pad
+            h, c = self.step(input_gates, h, c)
+            return h, torch.cat([h, c], dim=1)
+        lengths = torch.as_tensor(lengths)
+        valid = torch.arange(int(lengths.max())) < lengths[:, None]  # [n, steps]: step t of sequence i exists
+        padded = input_gates.new_zeros(*valid.shape, input_gates.shape[1])
+        padded[valid] = input_gates  # sequence-major, as the features come
+        outputs = []
+        for t in range(valid.shape[1]):
+            h_next, c_next = self.step(padded[:, t], h, c)
+            going = valid[:, t:t + 1]  # [n, 1]
+            h, c = torch.where(going, h_next, h), torch.where(going, c_next, c)
+            outputs.append(h)
+        return torch.stack(outputs, 1)[valid], torch.cat([h, c], dim=1)
+
+
 class RunningMeanStd(nn.Module):
     """The mean and variance of everything seen so far, per dimension, updated batch by batch.
 
@@ -369,13 +432,14 @@ class RunningMeanStd(nn.Module):
 
 
 class ActorCritic(nn.Module):
-    """A shared torso with a policy head and a value head V(s).
+    """A shared torso, a core, and a policy head and a value head V(s).
 
-    Two choices, made here and nowhere else. The observation picks the torso: two tanh layers for a
-    vector, ConvTorso for stacked frames. The action space picks the policy head: logits for Discrete
-    actions, a Gaussian's mean (and a learned sigma) for Box actions. Everything after this (sampling,
-    the loss, both workers, the learner, evaluation) goes through the head's sample, mode and
-    log_prob_entropy. Two flags add running statistics, kept here because they are part of the trained
+    Three choices, made here and nowhere else. The observation picks the torso: two tanh layers for a
+    vector, ConvTorso for stacked frames. The lstm flag picks the core: NoCore, or LSTMCore and its
+    recurrent state. The action space picks the policy head: logits for Discrete actions, a Gaussian's
+    mean (and a learned sigma) for Box actions. Everything after this (sampling, the loss, both workers,
+    the learner, evaluation) goes through the head's sample, mode and log_prob_entropy, and passes the
+    core's state along, whatever its size (0 without an LSTM). Two flags add running statistics, kept here because they are part of the trained
     agent: normalize_obs, of vector observations (frames are already scaled by 255); normalize_reward, of
     the discounted return, whose standard deviation is the unit the critic's values are learned in.
     separate_critic gives the value head a torso of its own, so that the value loss does not pull on the
@@ -383,7 +447,7 @@ class ActorCritic(nn.Module):
     """
 
     def __init__(self, obs_size, n_actions, hidden=64, continuous=False, normalize_obs=False,
-                 normalize_reward=False, separate_critic=False, log_std_init=0.0):
+                 normalize_reward=False, separate_critic=False, log_std_init=0.0, lstm=False):
         super().__init__()
         self.obs_size, self.hidden = obs_size, hidden
         self.obs_stats = RunningMeanStd((obs_size,)) if normalize_obs else None
@@ -395,12 +459,13 @@ class ActorCritic(nn.Module):
             return ConvTorso(obs_size, hidden)
         self.torso = torso()
         self.critic_torso = torso() if separate_critic else None
+        self.core = LSTMCore(hidden) if lstm else NoCore()
         self.policy = GaussianHead(hidden, n_actions, log_std_init) if continuous else CategoricalHead(hidden, n_actions)
         self.value = nn.Linear(hidden, 1)
         # Orthogonal init; a tiny policy layer starts the policy near uniform (or the Gaussian near mean 0),
         # maximal exploration, and a unit-scale value head lets V(s) reach the scale of the returns quickly.
-        torso = [(layer, math.sqrt(2)) for layer in self.modules() if isinstance(layer, (nn.Linear, nn.Conv2d))
-                 and layer is not self.policy.out and layer is not self.value]
+        torso = [(layer, math.sqrt(2)) for torso in (self.torso, self.critic_torso) if torso is not None
+                 for layer in torso.modules() if isinstance(layer, (nn.Linear, nn.Conv2d))]
         for layer, gain in torso + [(self.policy.out, 0.01), (self.value, 1.0)]:
             nn.init.orthogonal_(layer.weight, gain)
             nn.init.zeros_(layer.bias)
@@ -408,13 +473,22 @@ class ActorCritic(nn.Module):
         # run faster in it, above all the first convolution's backward pass. No-op for an MLP.
         self.to(memory_format=torch.channels_last)
 
-    def forward(self, obs):
-        """obs [B, obs_size] float32 or [B, C, H, W] uint8 -> (policy head output [B, n_actions], value [B])."""
+    def forward(self, obs, state=None, lengths=None):
+        """obs [N, obs_size] float32 or [N, C, H, W] uint8: the steps of n sequences laid end to end, lengths
+        [n] (None: each observation a sequence of its own, one step of n = N envs), state [n, state_size]
+        the core's state before each sequence (None: zero, an episode's start)
+        -> (policy head output [N, n_actions], value [N], the core's state after each sequence [n, state_size])."""
         if self.obs_stats is not None:
             obs = self.obs_stats.normalize(obs)
-        h = self.torso(obs)
+        if state is None:
+            state = self.initial_state(len(obs) if lengths is None else len(lengths))
+        h, state = self.core(self.torso(obs), state, lengths)
         h_critic = h if self.critic_torso is None else self.critic_torso(obs)
-        return self.policy(h), self.value(h_critic).squeeze(-1)
+        return self.policy(h), self.value(h_critic).squeeze(-1), state
+
+    def initial_state(self, n):
+        """The core's state at an episode's start, for n envs: zero [n, state_size]."""
+        return torch.zeros(n, self.core.state_size)
 
     def reward_scale(self):
         """What rewards are multiplied by before the critic learns from them: 1 / the running standard
@@ -422,7 +496,7 @@ class ActorCritic(nn.Module):
         return 1.0 if self.return_stats is None else 1.0 / self.return_stats.std().item()
 
 
-MODEL_FLAGS = ("normalize_obs", "normalize_reward", "separate_critic")  # on/off flags that shape the model
+MODEL_FLAGS = ("normalize_obs", "normalize_reward", "separate_critic", "lstm")  # on/off flags that shape the model
 
 
 def new_model(shape, args):
@@ -431,11 +505,12 @@ def new_model(shape, args):
                        **{flag: getattr(args, flag) for flag in MODEL_FLAGS})
 
 
-def sample_actions(model, obs, rng):
-    """Sample a_k ~ pi(.|s_k) for a batch of observations [K, obs_size], without an autograd graph."""
+def sample_actions(model, obs, state, rng):
+    """Sample a_k ~ pi(.|s_k) for one step of K envs, without an autograd graph: obs [K, obs_size], state
+    [K, state_size] the core's state before it. Returns the actions and the core's state after the step."""
     with torch.inference_mode():
-        head_out, _ = model(torch.from_numpy(obs))
-        return model.policy.sample(head_out.numpy(), rng)
+        head_out, _, state = model(torch.from_numpy(obs), torch.from_numpy(state))
+        return model.policy.sample(head_out.numpy(), rng), state.numpy()
 
 
 # --- 4. Shared optimizer ---------------------------------------------------------------------------
@@ -489,6 +564,8 @@ class StepBuffer(NamedTuple):
     actions: torch.Tensor    # [n_steps, K] int64 or [n_steps, K, D] float32, as sampled
     rewards: torch.Tensor    # [n_steps, K] float32
     final_obs: torch.Tensor  # like obs: s_{t+1} at [t, k] when env k's rollout ends after step t
+    states: torch.Tensor     # [n_steps, K, state_size] float32: the core's state before step t (zero at an
+                             # episode's first step; size 0 without --lstm)
 
     def numpy(self):
         return StepBuffer(*(field.numpy() for field in self))
@@ -502,7 +579,8 @@ def step_buffer(model, n_steps, n_envs, shared=False):
     buffer = StepBuffer(torch.zeros(n_steps, n_envs, *obs_shape, dtype=obs_dtype),
                         torch.zeros(n_steps, n_envs, *model.policy.action_shape, dtype=action_dtype),
                         torch.zeros(n_steps, n_envs),
-                        torch.zeros(n_steps, n_envs, *obs_shape, dtype=obs_dtype))
+                        torch.zeros(n_steps, n_envs, *obs_shape, dtype=obs_dtype),
+                        torch.zeros(n_steps, n_envs, model.core.state_size))
     return StepBuffer(*(field.share_memory_() for field in buffer)) if shared else buffer
 
 
@@ -516,11 +594,14 @@ class Segment(NamedTuple):
     episode: tuple    # (return, length) of the episode that ended with this rollout, else None
 
 
-def collect_segments(envs, model, obs, buffer, rng):
+def collect_segments(envs, model, obs, state, buffer, rng):
     """Act buffer's n_steps in each of a worker's envs, choosing all their actions in one forward pass.
 
-    obs [K, obs_size] holds each env's current observation and is updated in place; the transitions go
-    into buffer (numpy views). Returns the Segments, one per env and per episode piece: an episode that
+    obs [K, obs_size] holds each env's current observation and state [K, state_size] the core's state
+    before it; both are updated in place, so they carry on into the next call. The state is zeroed when
+    an episode starts (the new one must not remember the old one). The transitions go into buffer (numpy
+    views), with the state before each step, so that the learning pass can start each rollout from the
+    state its env had. Returns the Segments, one per env and per episode piece: an episode that
     ends closes its env's rollout there, so a rollout never spans two episodes and only its last step
     can need a bootstrap. The env is then reset and its next rollout starts from the reset observation,
     which is never a bootstrap state: the episode's own last observation is kept in final_obs.
@@ -530,7 +611,8 @@ def collect_segments(envs, model, obs, buffer, rng):
     segments = []
     for t in range(n_steps):
         buffer.obs[t] = obs
-        buffer.actions[t] = sample_actions(model, obs, rng)
+        buffer.states[t] = state
+        buffer.actions[t], state[:] = sample_actions(model, obs, state, rng)
         for k, env in enumerate(envs):
             next_obs, buffer.rewards[t, k], terminated, truncated, info = env.step(buffer.actions[t, k])
             if terminated or truncated:
@@ -538,6 +620,7 @@ def collect_segments(envs, model, obs, buffer, rng):
                 buffer.final_obs[t, k] = next_obs
                 segments.append(Segment(k, starts[k], t + 1, terminated, truncated, episode))
                 next_obs, _ = env.reset()
+                state[k] = 0.0
                 starts[k] = t + 1
             obs[k] = next_obs
     for k in range(len(envs)):  # rollouts cut by n_steps: bootstrap from the current observation
@@ -554,26 +637,42 @@ class Rollout(NamedTuple):
     rewards: np.ndarray     # [T] float32
     final_obs: np.ndarray   # one observation: s_T
     terminated: bool        # the Segment's: whether R_T is 0 or V(s_T) (bootstrap_values)
+    initial_state: np.ndarray  # [state_size] the core's state before s_0, as the worker had it
 
 
 def rollouts_in(buffer, segments):
     """The Rollouts that segments mark out in a StepBuffer (numpy views), as views: nothing is copied."""
     return [Rollout(buffer.obs[s.start:s.stop, s.env], buffer.actions[s.start:s.stop, s.env],
-                    buffer.rewards[s.start:s.stop, s.env], buffer.final_obs[s.stop - 1, s.env], s.terminated)
+                    buffer.rewards[s.start:s.stop, s.env], buffer.final_obs[s.stop - 1, s.env], s.terminated,
+                    buffer.states[s.start, s.env])
             for s in segments]
 
 
 # --- 6. Returns and loss ---------------------------------------------------------------------------
 
-def bootstrap_values(model, rollouts):
+def replay(model, rollouts):
+    """The learning pass: the model's outputs at every step of a batch of rollouts, under its current weights.
+
+    Each rollout runs from the core's state its worker had before its first step, which is data: no
+    gradient flows back into the rollout before (truncated backpropagation through time over --n-steps).
+    In data mode that is also what lets the learner replay exactly what the worker saw.
+    Returns: head outputs [N, ...] and values [N] of the steps laid end to end, the state after each rollout.
+    """
+    obs = torch.from_numpy(np.concatenate([r.obs for r in rollouts]))  # s_0 .. s_{T-1} of each rollout
+    initial_states = torch.from_numpy(np.stack([r.initial_state for r in rollouts]))
+    return model(obs, initial_states, [len(r.rewards) for r in rollouts])
+
+
+def bootstrap_values(model, rollouts, states):
     """R_T, where each rollout's returns start: 0 if its episode terminated (nothing follows a terminal
     state), else V(s_T) of its final observation, because the episode goes on past a time limit or a cut
     by n_steps (Mnih et al. 2016, Alg. S3). Computed without gradient: R is the critic's target.
 
-    Args: rollouts with final_obs and terminated. Returns: a list of floats, one per rollout.
+    Args: rollouts with final_obs and terminated; states [N, state_size], the core's state after each
+    rollout's last step (replay's). Returns: a list of floats, one per rollout.
     """
     with torch.no_grad():
-        _, final_values = model(torch.from_numpy(np.stack([r.final_obs for r in rollouts])))  # [N]
+        _, final_values, _ = model(torch.from_numpy(np.stack([r.final_obs for r in rollouts])), states)  # [N]
     return [0.0 if r.terminated else v for r, v in zip(rollouts, final_values.tolist())]
 
 
@@ -649,11 +748,12 @@ def rollout_loss(model, rollouts, gamma, value_coef, entropy_coef, reward_scale=
     The final observations get their own forward pass (bootstrap_values), without autograd: inside the
     trained batch they would cost backward work for rows that receive no gradient.
     """
-    head_out, values = model(torch.from_numpy(np.concatenate([r.obs for r in rollouts])))  # s_0 .. s_{T-1}
+    head_out, values, final_states = replay(model, rollouts)
     scale = reward_scale * model.reward_scale()
     values_of = np.split(values.detach().numpy(), np.cumsum([len(r.rewards) for r in rollouts])[:-1])
     returns = torch.cat([lambda_returns(r.rewards * scale, v, bootstrap, gamma, gae_lambda)
-                         for r, v, bootstrap in zip(rollouts, values_of, bootstrap_values(model, rollouts))])
+                         for r, v, bootstrap in zip(rollouts, values_of,
+                                                    bootstrap_values(model, rollouts, final_states.detach()))])
     actions = torch.from_numpy(np.concatenate([r.actions for r in rollouts]))
     log_probs, entropy = model.policy.log_prob_entropy(head_out, actions)
     loss, stats = a3c_loss(log_probs, entropy, values, returns, value_coef, entropy_coef)
@@ -715,15 +815,16 @@ def update_statistics(shared_model, buffer, segments, discounted, gamma):
 
 
 def worker_setup(rank, args):
-    """What every worker does first: its seeds, its own envs, its own local model."""
+    """What every worker does first: its seeds, its own envs, its own local model, and where each env's
+    first step starts from: its observation and the core's zero state."""
     torch.manual_seed(args.seed + rank)
     rng = np.random.default_rng(args.seed + rank)
     # env k of worker i starts from seed + i + k * workers: with one env per worker, worker i uses seed + i
     seeds = [args.seed + rank + k * args.workers for k in range(args.envs_per_worker)]
-    envs = [make_env(args.env, seed) for seed in seeds]
+    envs = [make_env(args.env, seed, frame_stack=args.frame_stack) for seed in seeds]
     obs = observation_batch([env.reset(seed=seed)[0] for env, seed in zip(envs, seeds)])
     model = new_model(model_shape(envs[0]), args)
-    return envs, model, obs, rng
+    return envs, model, obs, model.initial_state(len(envs)).numpy(), rng
 
 
 class UpdateReport(NamedTuple):
@@ -736,13 +837,13 @@ class UpdateReport(NamedTuple):
 def gradient_worker(rank, args, shared_model, optimizer, worker_steps, messages, stop_event, parent_pid):
     """Hogwild worker (Mnih et al. 2016, Alg. S3): act, compute the gradient, apply it to the shared model."""
     with worker_process(rank, messages):
-        envs, local_model, obs, rng = worker_setup(rank, args)
+        envs, local_model, obs, state, rng = worker_setup(rank, args)
         buffer = step_buffer(local_model, args.n_steps, len(envs)).numpy()
         discounted = np.zeros(len(envs))
         stats, last_sent = UpdateStats(), time.monotonic()
         while not stop_event.is_set() and parent_alive(parent_pid):
             sync_model(local_model, shared_model)
-            segments = collect_segments(envs, local_model, obs, buffer, rng)
+            segments = collect_segments(envs, local_model, obs, state, buffer, rng)
             loss, update = rollout_loss(local_model, rollouts_in(buffer, segments), args.gamma, args.value_coef,
                                         args.entropy_coef, args.reward_scale, args.gae_lambda)
             check_finite(loss)
@@ -790,7 +891,7 @@ def data_worker(rank, args, shared_model, policy_version, buffers, free_buffers,
     """Data-parallel worker: act with a fresh copy of the shared weights into a shared StepBuffer, and tell
     the learner where the rollouts lie (a FilledBuffer)."""
     with worker_process(rank, messages):
-        envs, local_model, obs, rng = worker_setup(rank, args)
+        envs, local_model, obs, state, rng = worker_setup(rank, args)
         buffers = [buffer.numpy() for buffer in buffers]
         discounted = np.zeros(len(envs))
         sent = 0
@@ -803,7 +904,7 @@ def data_worker(rank, args, shared_model, policy_version, buffers, free_buffers,
             index = sent % len(buffers)
             version = policy_version.value  # read first: the weights copied next are at least this new
             sync_model(local_model, shared_model)
-            segments = collect_segments(envs, local_model, obs, buffers[index], rng)
+            segments = collect_segments(envs, local_model, obs, state, buffers[index], rng)
             update_statistics(shared_model, buffers[index], segments, discounted, args.gamma)
             worker_steps[rank] += args.n_steps * len(envs)
             # A few hundred bytes, one Segment per rollout: under PIPE_BUF (4 KiB) unless a worker steps
@@ -1063,8 +1164,9 @@ def stop_processes(processes, queues):
 
 # --- 10. Checkpoints --------------------------------------------------------------------------------
 
-CHECKPOINT_FORMAT = "a3c.py checkpoint v3"  # v3: the MODEL_FLAGS (running statistics, a separate critic)
-OLDER_FORMATS = {"a3c.py checkpoint v2": dict.fromkeys(MODEL_FLAGS, False)}  # v2 had none of them
+CHECKPOINT_FORMAT = "a3c.py checkpoint v4"  # v3: the MODEL_FLAGS (running statistics, a separate critic); v4: lstm
+OLDER_FORMATS = {"a3c.py checkpoint v2": dict.fromkeys(MODEL_FLAGS, False),  # v2 had none of the flags,
+                 "a3c.py checkpoint v3": {"lstm": False}}  # v3 had no LSTM
 
 
 def save_checkpoint(path, model, optimizer, args, steps, episodes, recent_returns):
@@ -1079,6 +1181,7 @@ def save_checkpoint(path, model, optimizer, args, steps, episodes, recent_return
                   "continuous": isinstance(model.policy, GaussianHead),
                   "normalize_obs": model.obs_stats is not None, "normalize_reward": model.return_stats is not None,
                   "separate_critic": model.critic_torso is not None,  # the MODEL_FLAGS it was built with
+                  "lstm": isinstance(model.core, LSTMCore),
                   "model": model.state_dict(), "optimizer": optimizer.state_dict(), "args": vars(args),
                   "steps": steps, "episodes": episodes, "recent_returns": list(recent_returns)}
     tmp = f"{path}.tmp"  # in the same folder, so os.replace is a rename within one file system
@@ -1239,7 +1342,7 @@ def train(args, checkpoint=None):
     torch.set_num_threads(1)
     keep_freed_memory()  # for the learner, in data mode
     torch.manual_seed(args.seed)
-    env = make_env(args.env)
+    env = make_env(args.env, frame_stack=args.frame_stack)
     shared_model = new_model(model_shape(env), args)
     env.close()
     shared_model.share_memory()
@@ -1295,7 +1398,7 @@ def evaluate(args, checkpoint):
     torch.set_num_threads(1)
     try:
         render_mode = "human" if args.render else "rgb_array" if args.video else None
-        env = make_env(args.env, args.seed, render_mode=render_mode)
+        env = make_env(args.env, args.seed, render_mode=render_mode, frame_stack=args.frame_stack)
         env.reset(seed=args.seed)  # a human window opens here, so a missing pygame shows up here
     except gym.error.Error as e:
         raise UsageError(f"environment {args.env!r}: {e}")
@@ -1308,10 +1411,10 @@ def evaluate(args, checkpoint):
     returns, steps, start = [], 0, time.perf_counter()
     for episode in range(args.episodes):
         obs, _ = env.reset(seed=args.seed + episode)
-        done = False
+        state, done = model.initial_state(1), False  # the core's state, carried through the episode
         while not done:
             with torch.inference_mode():  # the most probable action: argmax, or the Gaussian's mean
-                head_out, _ = model(torch.from_numpy(observation_batch([obs])))
+                head_out, _, state = model(torch.from_numpy(observation_batch([obs])), state)
             obs, _, terminated, truncated, info = env.step(model.policy.mode(head_out.numpy())[0])
             done = terminated or truncated
         returns.append(float(info["episode"]["r"]))
@@ -1342,8 +1445,8 @@ def make_folder(flag, folder):
 
 def prepare(args):
     """Check every input before a process starts and fill in the defaults that depend on the env or the
-    checkpoint (--env, --hidden, --normalize-*, --reward-scale, --target-return); returns the checkpoint to
-    load, if any."""
+    checkpoint (--env, --hidden, --normalize-*, --lstm, --frame-stack, --reward-scale, --target-return);
+    returns the checkpoint to load, if any."""
     checkpoint = None
     path = args.eval or args.resume
     if args.eval and args.resume:
@@ -1359,9 +1462,18 @@ def prepare(args):
                 raise UsageError(f"checkpoint {path} was trained without --{flag.replace('_', '-')}")
             setattr(args, flag, checkpoint[flag])
         args.env, args.hidden = checkpoint["env"], checkpoint["hidden"]
+        if not isinstance(checkpoint["obs_size"], int):  # frames: the stack's depth is the model's input width
+            frames = checkpoint["obs_size"][0]
+            if args.frame_stack is not None and args.frame_stack != frames:
+                raise UsageError(f"checkpoint {path} has --frame-stack {frames}, not {args.frame_stack}")
+            args.frame_stack = frames
+    if args.lstm and args.separate_critic:
+        raise UsageError("--lstm and --separate-critic exclude each other: the critic's own torso would have "
+                         "no memory")
     args.env = args.env or "CartPole-v1"
+    frame_stack_given, args.frame_stack = args.frame_stack is not None, args.frame_stack or 4
     try:
-        env = make_env(args.env)
+        env = make_env(args.env, frame_stack=args.frame_stack)
     except gym.error.Error as e:
         close = difflib.get_close_matches(args.env, gym.registry.keys(), n=3)
         hint = f" (close matches: {', '.join(close)})" if close and "did you mean" not in str(e).lower() else ""
@@ -1372,6 +1484,9 @@ def prepare(args):
     if args.normalize_obs and not isinstance(shape["obs_size"], int):
         env.close()
         raise UsageError(f"--normalize-obs: {args.env}'s observations are frames, which the network scales by 255")
+    if frame_stack_given and isinstance(shape["obs_size"], int):
+        env.close()
+        raise UsageError(f"--frame-stack: {args.env}'s observations are vectors, not frames")
     args.hidden = args.hidden or (64 if isinstance(shape["obs_size"], int) else 256)
     args.reward_scale = args.reward_scale or (1.0 if args.normalize_reward else 0.1)
     if args.target_return is None:
