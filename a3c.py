@@ -439,9 +439,10 @@ class ActorCritic(nn.Module):
     recurrent state. The action space picks the policy head: logits for Discrete actions, a Gaussian's
     mean (and a learned sigma) for Box actions. Everything after this (sampling, the loss, both workers,
     the learner, evaluation) goes through the head's sample, mode and log_prob_entropy, and passes the
-    core's state along, whatever its size (0 without an LSTM). Two flags add running statistics, kept here because they are part of the trained
-    agent: normalize_obs, of vector observations (frames are already scaled by 255); normalize_reward, of
-    the discounted return, whose standard deviation is the unit the critic's values are learned in.
+    core's state along, whatever its size (0 without an LSTM). Two flags add running statistics, kept
+    here because they are part of the trained agent: normalize_obs, of vector observations (frames are
+    already scaled by 255); normalize_reward, of the discounted return, whose standard deviation is the
+    unit the critic's values are learned in.
     separate_critic gives the value head a torso of its own, so that the value loss does not pull on the
     policy's features (as in the paper's continuous agent, Stable-Baselines3 and CleanRL's MuJoCo scripts).
     """
@@ -464,9 +465,9 @@ class ActorCritic(nn.Module):
         self.value = nn.Linear(hidden, 1)
         # Orthogonal init; a tiny policy layer starts the policy near uniform (or the Gaussian near mean 0),
         # maximal exploration, and a unit-scale value head lets V(s) reach the scale of the returns quickly.
-        torso = [(layer, math.sqrt(2)) for torso in (self.torso, self.critic_torso) if torso is not None
-                 for layer in torso.modules() if isinstance(layer, (nn.Linear, nn.Conv2d))]
-        for layer, gain in torso + [(self.policy.out, 0.01), (self.value, 1.0)]:
+        torsos = [(layer, math.sqrt(2)) for part in (self.torso, self.critic_torso) if part is not None
+                  for layer in part.modules() if isinstance(layer, (nn.Linear, nn.Conv2d))]
+        for layer, gain in torsos + [(self.policy.out, 0.01), (self.value, 1.0)]:
             nn.init.orthogonal_(layer.weight, gain)
             nn.init.zeros_(layer.bias)
         # Conv weights in the channels-last (NHWC) layout, the one ConvTorso feeds them: oneDNN's CPU kernels
