@@ -9,8 +9,9 @@ Each worker steps --envs-per-worker environments together (one forward pass choo
 with 1 it is the paper's one-environment actor-learner. One worker stepping N envs in lockstep, with one
 batched update and no asynchrony, is A2C. Only --workers 1 --mode gradient is reproducible. Discrete
 actions get a softmax policy, Box actions a Gaussian one: the action space picks the head; vectors get an
-MLP torso, images (Atari) stacked frames and a conv torso: the observation picks the torso. Nothing else
-branches on either, and the mode is picked once, in train() (Hogwild or Learner).
+MLP torso, images (Atari) stacked frames and a conv torso: the observation picks the torso; --lstm puts a
+recurrent core between the two (A3C LSTM). Nothing else branches on any of these, and the mode is picked
+once, in train() (Hogwild or Learner).
 
 Sections in the order the data flows: flags, env, network, optimizer, rollouts, returns and loss, workers,
 learner; then how processes are run, checkpoints, the monitor and train(), evaluation, main().
@@ -348,6 +349,12 @@ class LSTMCore(nn.Module):
     """--lstm: LSTM cells between the torso and the heads, as in the paper's A3C LSTM (Mnih et al. 2016: 256
     cells after the conv torso's last layer), so that the policy and the value can use what was seen before.
 
+    The heads read the torso's features plus h (a skip connection around the cells). At the start h is
+    small and, with every gate near one half, an even mix of the current frame and the ones before, so
+    without the skip the agent first has to learn to see the present: on a task where only the current
+    frame matters it learned 3-4 times more slowly than the feed-forward agent (README), and with it as fast,
+    while a task that needs memory is still learned through h.
+
     Its state is h and c side by side in one tensor [n, 2 * hidden]. forward() runs n sequences of steps
     laid end to end (each env's rollout) in lockstep through time: a sequence that has ended keeps its last
     state while longer ones go on, so rollouts of unequal length are batched with one loop over time steps,
@@ -374,13 +381,13 @@ class LSTMCore(nn.Module):
     def forward(self, features, state, lengths=None):
         """features [N, hidden] of n sequences laid end to end, lengths [n] (summing to N, or None for n = N
         sequences of one step), state [n, 2 * hidden] before each one's first step
-        -> (outputs [N, hidden] in the order of features, state [n, 2 * hidden] after each one's last step)."""
+        -> (features + h [N, hidden] in the order of features, state [n, 2 * hidden] after each one's last step)."""
         h, c = state.chunk(2, dim=1)
         # W x_t + b of every step in one matrix product: only U h_{t-1} has to wait for the step before
         input_gates = self.input_weights(features)  # [N, 4 * hidden]
         if lengths is None:  # acting: one step of each env, nothing to pad
             h, c = self.step(input_gates, h, c)
-            return h, torch.cat([h, c], dim=1)
+            return features + h, torch.cat([h, c], dim=1)
         lengths = torch.as_tensor(lengths)
         valid = torch.arange(int(lengths.max())) < lengths[:, None]  # [n, steps]: step t of sequence i exists
         padded = input_gates.new_zeros(*valid.shape, input_gates.shape[1])
@@ -391,7 +398,7 @@ class LSTMCore(nn.Module):
             going = valid[:, t:t + 1]  # [n, 1]
             h, c = torch.where(going, h_next, h), torch.where(going, c_next, c)
             outputs.append(h)
-        return torch.stack(outputs, 1)[valid], torch.cat([h, c], dim=1)
+        return features + torch.stack(outputs, 1)[valid], torch.cat([h, c], dim=1)
 
 
 class RunningMeanStd(nn.Module):

@@ -410,7 +410,7 @@ def small_model(kind):
     return a3c.ActorCritic(4, 2, hidden=16, continuous=kind == "gaussian", lstm=kind == "lstm")
 
 
-def adam_pair(kind, **kwargs):
+def adam_pair(kind="categorical", **kwargs):
     model = small_model(kind)
     twin = copy.deepcopy(model)
     return model, a3c.SharedAdam(model.parameters(), **kwargs), twin, torch.optim.Adam(twin.parameters(), **kwargs)
