@@ -922,7 +922,7 @@ gym.register("Cue-v0", entry_point=CueEnv, disable_env_checker=True, reward_thre
 @pytest.mark.parametrize("lstm", [True, False], ids=["lstm", "feed-forward"])
 def test_a_memory_task_is_learned_with_an_lstm_and_not_without(lstm, tmp_path, capsys):
     """One deterministic worker (gradient mode, one seed), the same step budget: the LSTM agent reaches a
-    mean of 0.9 over 100 episodes (seed 1: in under 2,000 steps); the feed-forward agent stays near 0, the
+    mean of 0.9 over 100 episodes (seed 1: after 2,336 steps); the feed-forward agent stays near 0, the
     most it can expect. The LSTM checkpoint then plays every cue right in --eval, which carries the state
     through each episode, and resumes in data mode without being told it has an LSTM."""
     path = str(tmp_path / "cue.pth")
