@@ -659,24 +659,31 @@ def test_checkpoint_from_before_a_model_flag_loads_without_it(version, missing, 
 
 # --- data path ---------------------------------------------------------------------------------------
 
+def start_data_worker(args, shared_model, version=0):
+    """Data worker 0 in a spawned process, with two shared step buffers, as the learner would start it.
+    Everything it was given is returned, so that nothing is collected before the child has unpickled it."""
+    buffers = [a3c.step_buffer(shared_model, args.n_steps, args.envs_per_worker, shared=True) for _ in range(2)]
+    free_buffers = SPAWN.Semaphore(2)
+    policy_version, worker_steps, stop_event = SPAWN.Value("q", version), SPAWN.Array("q", 1, lock=False), SPAWN.Event()
+    messages = SPAWN.Queue()
+    worker = SPAWN.Process(target=a3c.data_worker, daemon=True,
+                           args=(0, args, shared_model, policy_version, buffers, free_buffers, worker_steps, messages,
+                                 stop_event, os.getpid()))
+    worker.start()
+    return worker, buffers, free_buffers, policy_version, worker_steps, messages, stop_event
+
+
 def test_data_worker_fills_shared_buffers_sends_small_messages_and_waits_for_free_buffers():
     args = a3c.parse_args(["--n-steps", "7", "--hidden", "16", "--envs-per-worker", "3"])
     a3c.prepare(args)
     shared_model = a3c.ActorCritic(4, 2, 16)
     shared_model.share_memory()
-    buffers = [a3c.step_buffer(shared_model, 7, 3, shared=True) for _ in range(2)]
-    free_buffers = SPAWN.Semaphore(2)
-    version, worker_steps, stop_event = SPAWN.Value("q", 3), SPAWN.Array("q", 1, lock=False), SPAWN.Event()
-    messages = SPAWN.Queue()
-    worker = SPAWN.Process(target=a3c.data_worker, daemon=True,
-                           args=(0, args, shared_model, version, buffers, free_buffers, worker_steps, messages,
-                                 stop_event, os.getpid()))
+    worker, buffers, free_buffers, _, worker_steps, messages, stop_event = start_data_worker(args, shared_model, 3)
 
     def read(message):  # what the learner does: the rollouts a message marks out, copied here to keep them
         return [r._replace(obs=r.obs.copy(), final_obs=r.final_obs.copy()) for r in
                 a3c.rollouts_in(buffers[message.index].numpy(), message.segments)]
 
-    worker.start()
     try:
         received = [messages.get(timeout=60) for _ in range(2)]
         # Both buffers are the learner's now: the worker must not write into either until one comes back,
@@ -860,24 +867,16 @@ def test_data_worker_stores_the_states_it_acted_with_and_the_learner_replays_the
     a3c.prepare(args)
     shared_model = lstm_model(obs_size=4)
     shared_model.share_memory()
-    buffers = [a3c.step_buffer(shared_model, 30, 2, shared=True) for _ in range(2)]
-    free_buffers = SPAWN.Semaphore(2)
-    version, worker_steps, stop_event = SPAWN.Value("q", 0), SPAWN.Array("q", 1, lock=False), SPAWN.Event()
-    messages = SPAWN.Queue()
-    worker = SPAWN.Process(target=a3c.data_worker, daemon=True,
-                           args=(0, args, shared_model, version, buffers, free_buffers, worker_steps, messages,
-                                 stop_event, os.getpid()))
-    worker.start()
+    worker, buffers, *_, messages, stop_event = start_data_worker(args, shared_model)
     try:
         received = [messages.get(timeout=60) for _ in range(2)]
     finally:
         stop_event.set()
         a3c.stop_processes([worker], [messages])
     assert worker.exitcode == 0
-    state = torch.zeros(2, 32)
+    state = torch.zeros(2, 32)  # each env's first episode starts from zero
     for message in received:
         buffer = buffers[message.index].numpy()
-        state = torch.from_numpy(buffer.states[0].copy()) if message is received[0] else state
         ends = {(s.stop - 1, s.env) for s in message.segments if s.episode is not None}
         step_by_step = []
         with torch.no_grad():
