@@ -1,34 +1,26 @@
 """Asynchronous Advantage Actor-Critic (A3C) in one file, for PyTorch and Gymnasium on the CPU.
 
-Two ways to run the workers in parallel:
-  --mode gradient  every worker acts, computes the gradient of its own rollouts and applies it to the
-                   shared model through a shared-state Adam, without locks (Hogwild, as in the paper).
-  --mode data      workers only act and send their rollouts to one learner, the main process, which
-                   batches them, computes the gradient and publishes the new weights.
-Each worker steps --envs-per-worker environments together (one forward pass chooses all their actions);
-with 1 it is the paper's one-environment actor-learner. One worker stepping N envs in lockstep, with one
-batched update and no asynchrony, is A2C. Only --workers 1 --mode gradient is reproducible. Discrete
-actions get a softmax policy, Box actions a Gaussian one: the action space picks the head; vectors get an
-MLP torso, images (Atari) stacked frames and a conv torso: the observation picks the torso; --lstm puts a
-recurrent core between the two (A3C LSTM). Nothing else branches on any of these, and the mode is picked
-once, in train() (Hogwild or Learner).
-
-Sections in the order the data flows: flags, env, network, optimizer, rollouts, returns and loss, workers,
-learner; then how processes are run, checkpoints, the monitor and train(), evaluation, main().
+Workers act in parallel; --mode picks how their experience becomes learning:
+  --mode gradient  each worker computes the gradient of its own rollouts and applies it to the shared model
+                   through a shared-state Adam, without locks (Hogwild, as in the paper);
+  --mode data      workers only act, and one learner (the main process) learns from their rollouts.
+Each worker steps --envs-per-worker envs together: with 1 it is the paper's actor-learner, and one worker with
+N envs in lockstep is A2C. Only --workers 1 --mode gradient is reproducible.
 
     python a3c.py --workers 4 --mode gradient
-    python a3c.py --workers 2 --mode data --seed 1
     python a3c.py --env Pendulum-v1 --target-return -200 --workers 2 --gamma 0.95 --lr 0.001
 
-References: Mnih et al. 2016, "Asynchronous Methods for Deep Reinforcement Learning", arXiv:1602.01783
-(Algorithm S3); Recht et al. 2011, "Hogwild!", arXiv:1106.5730; Schulman et al. 2016, "High-Dimensional
-Continuous Control Using Generalized Advantage Estimation", arXiv:1506.02438 (--gae-lambda).
+Sections in the order the data flows: flags, env, network, optimizer, rollouts, returns and loss, workers,
+learner; then processes, checkpoints, the monitor and train(), evaluation, main().
+References: Mnih et al. 2016, arXiv:1602.01783 (Algorithm S3); Recht et al. 2011, "Hogwild!", arXiv:1106.5730;
+Schulman et al. 2016, "Generalized Advantage Estimation", arXiv:1506.02438 (--gae-lambda).
 """
 import argparse
 import contextlib
 import ctypes
 import csv
 import difflib
+import itertools
 import math
 import os
 import queue
@@ -83,8 +75,7 @@ def number(kind, low=-math.inf, high=math.inf, low_open=True):
 def parse_args(argv=None):
     """Parse the command line; tests call parse_args([...]) with their own flags."""
     positive_int, positive, non_negative = number(int, 0), number(float, 0), number(float, 0, low_open=False)
-    p = OneLineParser(prog="a3c.py", description=__doc__.split("\n")[0],
-                      formatter_class=HelpFormatter)
+    p = OneLineParser(prog="a3c.py", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--workers", type=positive_int, default=4, help="worker processes")
     p.add_argument("--mode", choices=["gradient", "data"], default="gradient",
                    help="gradient: Hogwild workers; data: workers act, one learner trains")
@@ -124,8 +115,9 @@ def parse_args(argv=None):
     p.add_argument("--max-grad-norm", type=positive, default=5.0, help="clip each update's gradient norm")
     p.add_argument("--hidden", type=positive_int, default=None,
                    help="width of the hidden layers (default: 64 for vectors, 256 for frames, or the checkpoint's)")
-    p.add_argument("--batch-rollouts", type=positive_int, default=None,
-                   help="data mode: worker rollouts per learner update (default: one per worker)")
+    p.add_argument("--batch-buffers", type=positive_int, default=None,
+                   help="data mode: filled rollout buffers (one worker's n-steps x envs-per-worker steps each) "
+                        "per learner update (default: one per worker)")
     p.add_argument("--max-episodes", type=positive_int, default=None, help="stop after this many episodes")
     p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many env steps")
     p.add_argument("--target-return", type=number(float), default=None,
@@ -150,15 +142,11 @@ def parse_args(argv=None):
 # --- 2. Environment --------------------------------------------------------------------------------
 
 def make_env(env_id, seed=None, render_mode=None, frame_stack=4):
-    """Build a Gymnasium env (5-tuple step) that reports each episode's true undiscounted return.
+    """A Gymnasium env (5-tuple step) that reports each episode's true return in info["episode"].
 
-    The TimeLimit wrapper stays on: it is what tells a time-limit truncation from a real termination.
-    RecordEpisodeStatistics puts the episode's return and length in info["episode"] when it ends.
-    Box actions: the policy acts in [-1, 1] in every dimension and RescaleAction maps that box onto the
-    env's bounds, so one Gaussian suits any bounds. A sample outside the box is clipped on its way into
-    the env (ClipAction), while the rollout keeps the sampled action: the loss needs log pi of what the
-    Gaussian drew, and the clipped value has no density under it (clipping in the loss would bias it).
-    Image observations (uint8, H x W or H x W x C) get the standard preprocessing in pixels_to_frames.
+    The TimeLimit wrapper stays: it is what tells a time-limit truncation from a termination. Box actions:
+    the policy acts in [-1, 1] and RescaleAction maps that onto the env's bounds; ClipAction clips a sample
+    on its way into the env, while the rollout keeps the sample itself, whose log pi the loss needs.
     """
     if env_id.startswith("ALE/") or env_id not in gym.registry:  # Atari ids exist once ale-py registers them
         try:
@@ -168,7 +156,10 @@ def make_env(env_id, seed=None, render_mode=None, frame_stack=4):
                 raise ValueError(f"{env_id}: Atari needs ale-py: pip install 'gymnasium[atari]'") from None
         else:
             gym.register_envs(ale_py)
-    atari = env_id in gym.registry and str(gym.spec(env_id).entry_point).startswith("ale_py")
+    entry_point = str(gym.spec(env_id).entry_point) if env_id in gym.registry else ""
+    if "mujoco" in entry_point:
+        mujoco_warnings_to_stderr()
+    atari = entry_point.startswith("ale_py")
     env = gym.make(env_id, render_mode=render_mode, **({"obs_type": "grayscale"} if atari else {}))  # ALE's is fast
     if env.spec.kwargs.get("frameskip") == 1:  # an emulator that shows every frame (ALE's NoFrameskip ids):
         env = gym.wrappers.MaxAndSkipObservation(env, skip=4)  # act every 4th, see the max of the last 2 (DQN)
@@ -194,26 +185,32 @@ def make_env(env_id, seed=None, render_mode=None, frame_stack=4):
     return env
 
 
-def pixels_to_frames(env, frame_stack=4):
-    """Grayscale, halve each side by averaging 2x2 blocks, stack the last frame_stack frames; clip rewards.
+def mujoco_warnings_to_stderr():
+    """MuJoCo writes its warnings to MUJOCO_LOG.TXT in the working directory: print each one once on stderr
+    instead, so that a run leaves no file it was not asked for (a forked worker inherits what was shown)."""
+    import mujoco
+    if mujoco.get_mju_user_warning() is not None:
+        return
+    shown = set()
 
-    As in DQN and A3C, but without OpenCV: ALE's 210x160 screen becomes 105x80, about as many pixels as
-    the usual 84x84. Frames stay uint8 (4 times smaller than float32 in rollouts and messages) until
-    the network divides them by 255. Rewards are clipped to [-1, 1] for learning only: the episode
-    return reported comes from RecordEpisodeStatistics, inside these wrappers, so it is the game's score.
-    ALE/*-v5 ids skip 4 frames themselves (frameskip=4); make_env adds the skip, with the max over the last two
-    frames (objects that flicker show in one of them), to an env that declares frameskip=1.
-    Four stacked frames show motion to a feed-forward network (Mnih et al. 2015); with --lstm one frame can
-    do, since the recurrent state can remember the ones before.
-    """
+    def warn(message):
+        if message not in shown:
+            shown.add(message)
+            print(f"a3c.py: MuJoCo warning: {message}", file=sys.stderr, flush=True)
+    mujoco.set_mju_user_warning(warn)
+
+
+def pixels_to_frames(env, frame_stack=4):
+    """Screens to what the conv torso reads, as in DQN and A3C but without OpenCV: grayscale, each side halved
+    by averaging 2x2 blocks (210x160 -> 105x80, about the usual 84x84), the last frame_stack frames stacked,
+    uint8 until the network. Rewards are clipped to [-1, 1] for learning only; the episode return reported
+    comes from RecordEpisodeStatistics, inside these wrappers, so it is the game's score."""
     height, width = env.observation_space.shape[0] // 2, env.observation_space.shape[1] // 2
 
     def downsample(pixels):
         if pixels.ndim == 3:  # colour: luminance (ITU-R 601)
             pixels = (pixels @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)
-        # the mean of each 2x2 block, in integers: ndarray.mean's float path would cost more than the
-        # ALE step itself
-        pixels = pixels[:2 * height, :2 * width].astype(np.uint16)
+        pixels = pixels[:2 * height, :2 * width].astype(np.uint16)  # integers: a float mean costs more than ALE
         total = pixels[0::2, 0::2] + pixels[1::2, 0::2] + pixels[0::2, 1::2] + pixels[1::2, 1::2]
         return (total >> 2).astype(np.uint8)
 
@@ -229,11 +226,8 @@ def observation_batch(observations):
 
 
 def model_shape(env):
-    """What ActorCritic needs to know of an env, as its keyword arguments obs_size, n_actions, continuous.
-
-    obs_size is the length of a vector observation, or (channels, height, width) of stacked frames;
-    n_actions is the number of choices for Discrete actions, the number of dimensions for Box actions.
-    """
+    """What ActorCritic needs to know of an env: obs_size (a vector's length, or stacked frames' (C, H, W)),
+    n_actions (Discrete: the choices; Box: the dimensions) and continuous."""
     space, shape = env.action_space, env.observation_space.shape
     continuous = isinstance(space, gym.spaces.Box)
     return {"obs_size": shape[0] if len(shape) == 1 else tuple(shape), "continuous": continuous,
@@ -243,20 +237,16 @@ def model_shape(env):
 # --- 3. Network ------------------------------------------------------------------------------------
 
 def categorical_log_prob_entropy(logits, actions):
-    """log pi(a_t|s_t) and the entropy of pi(.|s_t) for a softmax policy.
-
-    Args: logits [T, A], actions [T] int64. Returns: log_probs [T], entropy [T].
-    """
+    """log pi(a_t|s_t) [T] and the entropy of pi(.|s_t) [T] of a softmax policy: logits [T, A], actions [T]."""
     log_probs = torch.log_softmax(logits, dim=-1)  # [T, A]
     entropy = -(log_probs.exp() * log_probs).sum(-1)
     return log_probs.gather(1, actions.unsqueeze(1)).squeeze(1), entropy
 
 
 def gaussian_log_prob_entropy(mean, log_std, actions):
-    """log pi(a_t|s_t) and the entropy of pi(.|s_t) for a diagonal Gaussian policy.
+    """log pi(a_t|s_t) [T] and the entropy [T] of a diagonal Gaussian: mean [T, D], log_std [D], actions [T, D].
 
-    Args: mean [T, D], log_std [D], actions [T, D] float32. Returns: log_probs [T], entropy [T].
-    Per dimension, log N(a; mu, sigma) = -(a - mu)^2 / (2 sigma^2) - log sigma - log(2 pi) / 2 and
+    Per dimension log N(a; mu, sigma) = -(a - mu)^2 / (2 sigma^2) - log sigma - log(2 pi) / 2 and
     H = log sigma + (1 + log(2 pi)) / 2; the dimensions are independent, so both sum over them.
     """
     log_probs = -0.5 * ((actions - mean) / log_std.exp()).pow(2) - log_std - 0.5 * math.log(2 * math.pi)
@@ -280,8 +270,8 @@ class CategoricalHead(nn.Module):
         return categorical_log_prob_entropy(logits, actions)
 
     def sample(self, logits, rng):
-        """Gumbel-max trick: argmax(logits + Gumbel noise) is an exact sample from softmax(logits), and on
-        small batches it costs far less than torch.distributions.Categorical or torch.multinomial."""
+        # Gumbel-max: argmax(logits + Gumbel noise) is an exact sample of softmax(logits), and cheaper than
+        # torch's samplers on a few rows
         return np.argmax(logits + rng.gumbel(size=logits.shape), axis=1)  # [K]
 
     def mode(self, logits):
@@ -291,18 +281,16 @@ class CategoricalHead(nn.Module):
 class GaussianHead(nn.Module):
     """Box actions, scaled to [-1, 1] by make_env: a ~ N(mean(s), sigma^2) in each dimension.
 
-    The mean is tanh-bounded inside the box. Unbounded, it can drift outside (seen here on Pendulum:
-    means near 8 for a box of 1), where every sample clips to the same action and the policy gradient no
-    longer tells which way to go. log sigma is one free parameter per dimension rather than a head: the
-    paper learns a variance per state, but a state-free sigma is trained by every sample, cannot collapse
-    on rarely visited states, and is the choice that trains reliably in Stable-Baselines3 and CleanRL.
+    The mean is tanh-bounded inside the box: outside it every sample clips to the same action, and the
+    gradient no longer says which way to go. log sigma is one free parameter per dimension, trained by every
+    sample (the paper learns it per state; a rarely visited state could then collapse it).
     """
     action_dtype = np.float32
 
     def __init__(self, hidden, action_dims, log_std_init=0.0):
         super().__init__()
         self.out = nn.Linear(hidden, action_dims)
-        self.log_std = nn.Parameter(torch.full((action_dims,), float(log_std_init)))  # 0: sigma = 1 at the start
+        self.log_std = nn.Parameter(torch.full((action_dims,), float(log_std_init)))
         self.action_shape = (action_dims,)
 
     def forward(self, h):
@@ -320,7 +308,7 @@ class GaussianHead(nn.Module):
 
 
 class ConvTorso(nn.Module):
-    """Stacked uint8 frames [B, C, H, W] -> features [B, hidden], with the A3C paper's feed-forward network
+    """Stacked uint8 frames [B, C, H, W] -> features [B, hidden], by the A3C paper's feed-forward network
     (16 8x8 filters of stride 4, 32 4x4 of stride 2, one fully connected layer): cheap enough for a CPU."""
 
     def __init__(self, frames_shape, hidden):
@@ -337,78 +325,57 @@ class ConvTorso(nn.Module):
 
 
 class NoCore(nn.Module):
-    """The feed-forward agent's core: the torso's features go straight to the heads, and there is no state
-    to carry (its size is 0, so the same code carries it for both cores)."""
+    """The feed-forward agent's core: features pass through, and its core state has size 0."""
     state_size = 0
 
-    def forward(self, features, state, lengths=None):
-        return features, state
+    def forward(self, features, core_state, lengths=None):
+        return features, core_state
 
 
 class LSTMCore(nn.Module):
-    """--lstm: LSTM cells between the torso and the heads, as in the paper's A3C LSTM (Mnih et al. 2016: 256
-    cells after the conv torso's last layer), so that the policy and the value can use what was seen before.
+    """--lstm: torch's LSTM cell between the torso and the heads, as in the paper's A3C LSTM.
 
-    The heads read the torso's features plus h (a skip connection around the cells). At the start h is
-    small and, with every gate near one half, an even mix of the current frame and the ones before, so
-    without the skip the agent first has to learn to see the present: on a task where only the current
-    frame matters it learned 3-4 times more slowly than the feed-forward agent (README), and with it as fast,
-    while a task that needs memory is still learned through h.
-
-    Its state is h and c side by side in one tensor [n, 2 * hidden]. forward() runs n sequences of steps
-    laid end to end (each env's rollout) in lockstep through time: a sequence that has ended keeps its last
-    state while longer ones go on, so rollouts of unequal length are batched with one loop over time steps,
-    not one over rollouts. Acting (one step of each env) and learning take the same step(), so with the
-    same weights and the same starting state they give the same outputs.
+    The heads read the torso's features plus h, a skip around the cell: at the start h mixes the present
+    evenly with the past, and without the skip the agent must first learn to see the current frame.
+    The core state is h and c side by side, [n, 2 * hidden]. nn.LSTMCell rather than nn.LSTM, whose CPU
+    kernel takes several times longer for the one step of a few envs that acting asks of it.
     """
 
     def __init__(self, hidden):
         super().__init__()
-        self.input_weights = nn.Linear(hidden, 4 * hidden)  # W x_t + b, for the four gates
-        self.hidden_weights = nn.Linear(hidden, 4 * hidden, bias=False)  # U h_{t-1}
+        self.cell = nn.LSTMCell(hidden, hidden)
         self.state_size = 2 * hidden
-        for layer in (self.input_weights, self.hidden_weights):
-            nn.init.orthogonal_(layer.weight)
-        nn.init.zeros_(self.input_weights.bias)
+        for name, weights in self.cell.named_parameters():
+            nn.init.orthogonal_(weights) if name.startswith("weight") else nn.init.zeros_(weights)
 
-    def step(self, input_gates, h, c):
-        """One LSTM step with a forget gate: [i, f, g, o] = W x_t + b + U h_{t-1};
-        c_t = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(g); h_t = sigmoid(o) * tanh(c_t)."""
-        i, f, g, o = (input_gates + self.hidden_weights(h)).chunk(4, dim=1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c
-
-    def forward(self, features, state, lengths=None):
-        """features [N, hidden] of n sequences laid end to end, lengths [n] (summing to N, or None for n = N
-        sequences of one step), state [n, 2 * hidden] before each one's first step
-        -> (features + h [N, hidden] in the order of features, state [n, 2 * hidden] after each one's last step)."""
-        h, c = state.chunk(2, dim=1)
-        # W x_t + b of every step in one matrix product: only U h_{t-1} has to wait for the step before
-        input_gates = self.input_weights(features)  # [N, 4 * hidden]
-        if lengths is None:  # acting: one step of each env, nothing to pad
-            h, c = self.step(input_gates, h, c)
+    def forward(self, features, core_state, lengths=None):
+        """features [N, hidden] of n sequences laid end to end, lengths [n] (None: N sequences of one step),
+        core_state [n, 2 * hidden] before each -> (features + h [N, hidden], core_state after each)."""
+        h, c = core_state.chunk(2, dim=1)
+        if lengths is None:  # acting: one step of each env
+            h, c = self.cell(features, (h, c))
             return features + h, torch.cat([h, c], dim=1)
+        # learning: step t of every sequence at once; a sequence that has ended keeps its last state
         lengths = torch.as_tensor(lengths)
-        valid = torch.arange(int(lengths.max())) < lengths[:, None]  # [n, steps]: step t of sequence i exists
-        padded = input_gates.new_zeros(*valid.shape, input_gates.shape[1])
-        padded[valid] = input_gates  # sequence-major, as the features come
+        valid = torch.arange(int(lengths.max())) < lengths[:, None]  # [n, T]: sequence i has a step t
+        steps = features.new_zeros(*valid.shape, features.shape[1])
+        steps[valid] = features
         outputs = []
         for t in range(valid.shape[1]):
-            h_next, c_next = self.step(padded[:, t], h, c)
-            going = valid[:, t:t + 1]  # [n, 1]
+            h_next, c_next = self.cell(steps[:, t], (h, c))
+            going = valid[:, t:t + 1]
             h, c = torch.where(going, h_next, h), torch.where(going, c_next, c)
             outputs.append(h)
         return features + torch.stack(outputs, 1)[valid], torch.cat([h, c], dim=1)
 
 
 class RunningMeanStd(nn.Module):
-    """The mean and variance of everything seen so far, per dimension, updated batch by batch.
+    """The mean and variance of everything seen so far, per dimension (--normalize-obs, --normalize-reward).
 
-    Kept in buffers, so that they live where the weights live: in shared memory once the model is shared
-    (every worker updates and reads the same ones), and in state_dict (a checkpoint carries them). Workers
-    update the shared model's statistics without a lock, as Hogwild writes the weights: two updates at the
-    same moment may lose one or mix the two, which costs a running estimate a few samples; a lock would be
-    taken by every worker on every update, and one killed while holding it would hang the others.
+    Buffers, so that they live where the weights do: shared by every worker once the model is shared, and
+    in state_dict. Workers update them without a lock, as Hogwild writes the weights: two updates at once
+    may lose one, which costs a running estimate a few samples, where a lock held by a killed worker would
+    hang the others.
     """
 
     def __init__(self, shape=()):
@@ -418,8 +385,7 @@ class RunningMeanStd(nn.Module):
         self.register_buffer("var", torch.ones(shape, dtype=torch.float64))
 
     def update(self, batch):
-        """Fold in a batch [N, *shape] by the parallel formula of Chan et al. (1979); in place, so that a
-        shared model's statistics change for every process."""
+        """Fold in a batch [N, *shape], in place, by the parallel formula of Chan et al. (1979)."""
         batch = torch.as_tensor(batch, dtype=torch.float64)
         n, count = batch.shape[0], self.count.item()
         total = count + n
@@ -433,31 +399,31 @@ class RunningMeanStd(nn.Module):
         return torch.sqrt(self.var + 1e-8).float()
 
     def normalize(self, x, clip=10.0):
-        """(x - mean) / std, clipped to [-clip, clip] as Stable-Baselines3's VecNormalize does: a rare state
-        far outside what was seen cannot saturate the first layer."""
+        # clipped, as VecNormalize does, so that a state far outside what was seen cannot saturate a layer
         return ((x - self.mean.float()) / self.std()).clamp(-clip, clip)
 
 
-class ActorCritic(nn.Module):
-    """A shared torso, a core, and a policy head and a value head V(s).
+MODEL_FLAGS = ("normalize_obs", "normalize_reward", "separate_critic", "lstm")  # on/off flags that shape the model
 
-    Three choices, made here and nowhere else. The observation picks the torso: two tanh layers for a
-    vector, ConvTorso for stacked frames. The lstm flag picks the core: NoCore, or LSTMCore and its
-    recurrent state. The action space picks the policy head: logits for Discrete actions, a Gaussian's
-    mean (and a learned sigma) for Box actions. Everything after this (sampling, the loss, both workers,
-    the learner, evaluation) goes through the head's sample, mode and log_prob_entropy, and passes the
-    core's state along, whatever its size (0 without an LSTM). Two flags add running statistics, kept
-    here because they are part of the trained agent: normalize_obs, of vector observations (frames are
-    already scaled by 255); normalize_reward, of the discounted return, whose standard deviation is the
-    unit the critic's values are learned in.
-    separate_critic gives the value head a torso of its own, so that the value loss does not pull on the
-    policy's features (as in the paper's continuous agent, Stable-Baselines3 and CleanRL's MuJoCo scripts).
+
+class ActorCritic(nn.Module):
+    """A torso, a core, a policy head and a value head V(s).
+
+    The file's three choices are made here and nowhere else: the observation picks the torso (two tanh
+    layers for a vector, ConvTorso for frames), lstm picks the core (NoCore or LSTMCore), the action space
+    picks the policy head (CategoricalHead or GaussianHead). Everything after goes through the head's
+    sample, mode and log_prob_entropy, and passes the core state along whatever its size. normalize_obs and
+    normalize_reward keep running statistics here, as part of the trained agent; separate_critic gives the
+    value head a torso of its own, so that the value loss does not pull on the policy's features.
     """
 
     def __init__(self, obs_size, n_actions, hidden=64, continuous=False, normalize_obs=False,
-                 normalize_reward=False, separate_critic=False, log_std_init=0.0, lstm=False):
+                 normalize_reward=False, separate_critic=False, lstm=False, log_std_init=0.0):
         super().__init__()
-        self.obs_size, self.hidden = obs_size, hidden
+        self.config = {"obs_size": obs_size, "n_actions": n_actions, "continuous": continuous, "hidden": hidden,
+                       "normalize_obs": normalize_obs, "normalize_reward": normalize_reward,
+                       "separate_critic": separate_critic, "lstm": lstm}  # what a checkpoint rebuilds it from
+        self.obs_size = obs_size
         self.obs_stats = RunningMeanStd((obs_size,)) if normalize_obs else None
         self.return_stats = RunningMeanStd() if normalize_reward else None
 
@@ -470,41 +436,35 @@ class ActorCritic(nn.Module):
         self.core = LSTMCore(hidden) if lstm else NoCore()
         self.policy = GaussianHead(hidden, n_actions, log_std_init) if continuous else CategoricalHead(hidden, n_actions)
         self.value = nn.Linear(hidden, 1)
-        # Orthogonal init; a tiny policy layer starts the policy near uniform (or the Gaussian near mean 0),
-        # maximal exploration, and a unit-scale value head lets V(s) reach the scale of the returns quickly.
+        # Orthogonal init; a tiny policy layer starts the policy near uniform (the Gaussian near mean 0), and a
+        # unit-scale value head lets V(s) reach the scale of the returns quickly.
         torsos = [(layer, math.sqrt(2)) for part in (self.torso, self.critic_torso) if part is not None
                   for layer in part.modules() if isinstance(layer, (nn.Linear, nn.Conv2d))]
         for layer, gain in torsos + [(self.policy.out, 0.01), (self.value, 1.0)]:
             nn.init.orthogonal_(layer.weight, gain)
             nn.init.zeros_(layer.bias)
-        # Conv weights in the channels-last (NHWC) layout, the one ConvTorso feeds them: oneDNN's CPU kernels
-        # run faster in it, above all the first convolution's backward pass. No-op for an MLP.
-        self.to(memory_format=torch.channels_last)
+        self.to(memory_format=torch.channels_last)  # the layout oneDNN's CPU convolutions run fastest in
 
-    def forward(self, obs, state=None, lengths=None):
-        """obs [N, obs_size] float32 or [N, C, H, W] uint8: the steps of n sequences laid end to end, lengths
-        [n] (None: each observation a sequence of its own, one step of n = N envs), state [n, state_size]
-        the core's state before each sequence (None: zero, an episode's start)
-        -> (policy head output [N, n_actions], value [N], the core's state after each sequence [n, state_size])."""
+    def forward(self, obs, core_state=None, lengths=None):
+        """obs [N, obs_size] float32 or [N, C, H, W] uint8: n sequences of steps laid end to end, lengths [n]
+        (None: N sequences of one step, one per env), core_state [n, state_size] before each (None: zero)
+        -> (policy head output [N, n_actions], V(s) [N], core_state after each sequence [n, state_size])."""
         if self.obs_stats is not None:
             obs = self.obs_stats.normalize(obs)
-        if state is None:
-            state = self.initial_state(len(obs) if lengths is None else len(lengths))
-        h, state = self.core(self.torso(obs), state, lengths)
+        if core_state is None:
+            core_state = self.initial_core_state(len(obs) if lengths is None else len(lengths))
+        h, core_state = self.core(self.torso(obs), core_state, lengths)
         h_critic = h if self.critic_torso is None else self.critic_torso(obs)
-        return self.policy(h), self.value(h_critic).squeeze(-1), state
+        return self.policy(h), self.value(h_critic).squeeze(-1), core_state
 
-    def initial_state(self, n):
-        """The core's state at an episode's start, for n envs: zero [n, state_size]."""
+    def initial_core_state(self, n):
+        """The core state at an episode's start, for n envs: zero [n, state_size]."""
         return torch.zeros(n, self.core.state_size)
 
     def reward_scale(self):
-        """What rewards are multiplied by before the critic learns from them: 1 / the running standard
-        deviation of the discounted return with normalize_reward (as VecNormalize does), else 1."""
+        """What rewards are multiplied by before the critic learns from them: with normalize_reward, 1 / the
+        running standard deviation of the discounted return (VecNormalize's rule), else 1."""
         return 1.0 if self.return_stats is None else 1.0 / self.return_stats.std().item()
-
-
-MODEL_FLAGS = ("normalize_obs", "normalize_reward", "separate_critic", "lstm")  # on/off flags that shape the model
 
 
 def new_model(shape, args):
@@ -513,218 +473,156 @@ def new_model(shape, args):
                        **{flag: getattr(args, flag) for flag in MODEL_FLAGS})
 
 
-def sample_actions(model, obs, state, rng):
-    """Sample a_k ~ pi(.|s_k) for one step of K envs, without an autograd graph: obs [K, obs_size], state
-    [K, state_size] the core's state before it. Returns the actions and the core's state after the step."""
+def sample_actions(model, obs, core_state, rng):
+    """a_k ~ pi(.|s_k) for one step of K envs, without autograd: obs [K, obs_size], core_state [K, state_size]
+    before the step -> (actions [K, ...], core_state after the step)."""
     with torch.inference_mode():
-        head_out, _, state = model(torch.from_numpy(obs), torch.from_numpy(state))
-        return model.policy.sample(head_out.numpy(), rng), state.numpy()
+        head_out, _, core_state = model(torch.from_numpy(obs), torch.from_numpy(core_state))
+        return model.policy.sample(head_out.numpy(), rng), core_state.numpy()
 
 
 # --- 4. Shared optimizer ---------------------------------------------------------------------------
 
 class SharedAdam(torch.optim.Adam):
-    """torch.optim.Adam whose state lives in shared memory, so every worker updates the same moments.
+    """torch.optim.Adam whose state lives in shared memory, so that every Hogwild worker updates the same moments.
 
-    The state (step, exp_avg, exp_avg_sq) is created here, at construction, exactly as stock Adam would
-    create it lazily, then moved to shared memory. step() is not overridden: stock Adam updates these
-    tensors in place, so with one process the result equals torch.optim.Adam's to the bit.
+    Adam where the paper shares RMSProp's statistics: the same idea (one set of statistics for all workers)
+    in the optimizer torch users reach for. Its arguments are Adam's. step() is stock Adam's, which updates
+    the shared tensors in place: with one process the result equals torch.optim.Adam's to the bit.
+    To reuse it: the parameters must be CPU tensors, in shared memory (model.share_memory()); build it, and
+    load_state_dict, before the workers start; a param group added later is not shared.
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, fused=None):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                         fused=fused)
-        for group in self.param_groups:
+    def __init__(self, params, *args, **kwargs):
+        super().__init__(params, *args, **kwargs)
+        for group in self.param_groups:  # the state stock Adam would create at its first step, created now
             for p in group["params"]:
                 state = self.state[p]
-                # A float tensor, not an int: current Adam needs a tensor step, and a tensor can be shared.
-                state["step"] = torch.tensor(0.0)
+                state["step"] = torch.tensor(0.0)  # a tensor, as current Adam keeps it, and so sharable
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if group["amsgrad"]:
                     state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                for tensor in state.values():
-                    tensor.share_memory_()
+        self.share_memory()
 
     def load_state_dict(self, state_dict):
-        """Load as Adam does (which makes new state tensors), then put them back in shared memory."""
-        super().load_state_dict(state_dict)
+        super().load_state_dict(state_dict)  # which makes new state tensors: share them again
+        self.share_memory()
+
+    def share_memory(self):
         for state in self.state.values():
             for tensor in state.values():
                 tensor.share_memory_()
-
-    def share_memory(self):
-        """The state is shared from the start; kept so code written as `SharedAdam(...).share_memory()` runs."""
         return self
 
 
 # --- 5. Rollouts -----------------------------------------------------------------------------------
 
-class StepBuffer(NamedTuple):
-    """Where a worker writes the n_steps x K transitions of one update, reused update after update.
+class RolloutBuffer(NamedTuple):
+    """A worker's n_steps x K transitions between two updates, reused update after update.
 
-    In data mode the learner allocates a few per worker in shared memory before the workers start, so a
-    rollout crosses the pipe as a few numbers saying where it lies instead of as pickled frames (as in
-    TorchBeast's monobeast). Fields are torch tensors, which a spawned process receives as shared memory;
-    numpy() gives the views the acting loop writes through.
+    In data mode the learner allocates them in shared memory before the workers start, so that a rollout
+    crosses the pipe as where it lies, not as its frames (as in TorchBeast's monobeast).
     """
-    obs: torch.Tensor        # [n_steps, K, obs_size] float32 or [n_steps, K, C, H, W] uint8: s_t
-    actions: torch.Tensor    # [n_steps, K] int64 or [n_steps, K, D] float32, as sampled
-    rewards: torch.Tensor    # [n_steps, K] float32
-    final_obs: torch.Tensor  # like obs: s_{t+1} at [t, k] when env k's rollout ends after step t
-    states: torch.Tensor     # [n_steps, K, state_size] float32: the core's state before step t (zero at an
-                             # episode's first step; size 0 without --lstm)
+    obs: torch.Tensor         # [n_steps, K, obs_size] float32 or [n_steps, K, C, H, W] uint8: s_t
+    actions: torch.Tensor     # [n_steps, K] int64 or [n_steps, K, D] float32, as sampled: a_t
+    rewards: torch.Tensor     # [n_steps, K] float32: r_t
+    final_obs: torch.Tensor   # like obs: s_{t+1} at [t, k] where env k's rollout ends after step t
+    core_state: torch.Tensor  # [n_steps, K, state_size] float32: the core state before step t
 
-    def numpy(self):
-        return StepBuffer(*(field.numpy() for field in self))
-
-
-def step_buffer(model, n_steps, n_envs, shared=False):
-    """A StepBuffer for the observations and actions of this model, in shared memory if shared."""
-    frames = not isinstance(model.obs_size, int)  # frames stay uint8 (observation_batch)
-    obs_shape, obs_dtype = (model.obs_size, torch.uint8) if frames else ((model.obs_size,), torch.float32)
-    action_dtype = torch.from_numpy(np.empty(0, model.policy.action_dtype)).dtype
-    buffer = StepBuffer(torch.zeros(n_steps, n_envs, *obs_shape, dtype=obs_dtype),
-                        torch.zeros(n_steps, n_envs, *model.policy.action_shape, dtype=action_dtype),
-                        torch.zeros(n_steps, n_envs),
-                        torch.zeros(n_steps, n_envs, *obs_shape, dtype=obs_dtype),
-                        torch.zeros(n_steps, n_envs, model.core.state_size))
-    return StepBuffer(*(field.share_memory_() for field in buffer)) if shared else buffer
-
-
-class Segment(NamedTuple):
-    """One rollout's place in a StepBuffer: env k's steps start .. stop - 1, and how it ended."""
-    env: int
-    start: int
-    stop: int
-    terminated: bool  # the MDP ended: R_T = 0
-    truncated: bool   # a time limit cut the episode: R_T = V(s_T), like a rollout cut by n_steps
-    episode: tuple    # (return, length) of the episode that ended with this rollout, else None
-
-
-def collect_segments(envs, model, obs, state, buffer, rng):
-    """Act buffer's n_steps in each of a worker's envs, choosing all their actions in one forward pass.
-
-    obs [K, obs_size] holds each env's current observation and state [K, state_size] the core's state
-    before it; both are updated in place, so they carry on into the next call. The state is zeroed when
-    an episode starts (the new one must not remember the old one). The transitions go into buffer (numpy
-    views), with the state before each step, so that the learning pass can start each rollout from the
-    state its env had. Returns the Segments, one per env and per episode piece: an episode that
-    ends closes its env's rollout there, so a rollout never spans two episodes and only its last step
-    can need a bootstrap. The env is then reset and its next rollout starts from the reset observation,
-    which is never a bootstrap state: the episode's own last observation is kept in final_obs.
-    """
-    n_steps = len(buffer.obs)
-    starts = [0] * len(envs)  # where each env's open rollout began
-    segments = []
-    for t in range(n_steps):
-        buffer.obs[t] = obs
-        buffer.states[t] = state
-        buffer.actions[t], state[:] = sample_actions(model, obs, state, rng)
-        for k, env in enumerate(envs):
-            next_obs, buffer.rewards[t, k], terminated, truncated, info = env.step(buffer.actions[t, k])
-            if terminated or truncated:
-                episode = (float(info["episode"]["r"]), int(info["episode"]["l"]))
-                buffer.final_obs[t, k] = next_obs
-                segments.append(Segment(k, starts[k], t + 1, terminated, truncated, episode))
-                next_obs, _ = env.reset()
-                state[k] = 0.0
-                starts[k] = t + 1
-            obs[k] = next_obs
-    for k in range(len(envs)):  # rollouts cut by n_steps: bootstrap from the current observation
-        if starts[k] < n_steps:
-            buffer.final_obs[n_steps - 1, k] = obs[k]
-            segments.append(Segment(k, starts[k], n_steps, False, False, None))
-    return segments
+    @classmethod
+    def allocate(cls, model, n_steps, n_envs, shared=False):
+        """Zeros for this model's observations and actions, in shared memory if shared."""
+        frames = not isinstance(model.obs_size, int)  # frames stay uint8 (observation_batch)
+        obs_shape, obs_dtype = (model.obs_size, torch.uint8) if frames else ((model.obs_size,), torch.float32)
+        action_dtype = torch.from_numpy(np.empty(0, model.policy.action_dtype)).dtype
+        buffer = cls(torch.zeros(n_steps, n_envs, *obs_shape, dtype=obs_dtype),
+                     torch.zeros(n_steps, n_envs, *model.policy.action_shape, dtype=action_dtype),
+                     torch.zeros(n_steps, n_envs), torch.zeros(n_steps, n_envs, *obs_shape, dtype=obs_dtype),
+                     torch.zeros(n_steps, n_envs, model.core.state_size))
+        return cls(*(field.share_memory_() for field in buffer)) if shared else buffer
 
 
 class Rollout(NamedTuple):
-    """One Segment's transitions, as the loss reads them."""
-    obs: np.ndarray         # [T, obs_size] float32 or [T, C, H, W] uint8 frames: s_0 .. s_{T-1}
-    actions: np.ndarray     # [T] int64 (Discrete) or [T, D] float32 (Box, as sampled: not clipped)
-    rewards: np.ndarray     # [T] float32
-    final_obs: np.ndarray   # one observation: s_T
-    terminated: bool        # the Segment's: whether R_T is 0 or V(s_T) (bootstrap_values)
-    initial_state: np.ndarray  # [state_size] the core's state before s_0, as the worker had it
+    """One rollout of Alg. S3: env k's steps start .. stop - 1 in a RolloutBuffer. It ends with its episode or
+    with the buffer, so only its last step can need a bootstrap; a few numbers, sent as they are in data mode."""
+    env: int
+    start: int
+    stop: int
+    terminated: bool  # the episode ended in a terminal state: R_T = 0; else (time limit or cut) R_T = V(s_T)
+    episode: tuple    # (return, length) of the episode that ended with this rollout, else None
 
 
-def rollouts_in(buffer, segments):
-    """The Rollouts that segments mark out in a StepBuffer (numpy views), as views: nothing is copied."""
-    return [Rollout(buffer.obs[s.start:s.stop, s.env], buffer.actions[s.start:s.stop, s.env],
-                    buffer.rewards[s.start:s.stop, s.env], buffer.final_obs[s.stop - 1, s.env], s.terminated,
-                    buffer.states[s.start, s.env])
-            for s in segments]
+def collect_rollouts(envs, model, obs, core_state, buffer, rng):
+    """Act the buffer's n_steps in each of a worker's K envs, choosing their actions in one forward pass.
+
+    obs [K, ...] and core_state [K, state_size] are each env's current ones, updated in place so that they
+    carry on into the next call. An episode that ends closes its env's rollout; the env is reset and its
+    core state zeroed (the new episode must not remember the old one). The episode's last observation goes
+    to final_obs: the reset observation that follows is no bootstrap state. Returns the Rollouts.
+    """
+    views = RolloutBuffer(*(field.numpy() for field in buffer))  # numpy writes cost less, element by element
+    n_steps = len(views.obs)
+    starts = [0] * len(envs)  # where each env's open rollout began
+    rollouts = []
+    for t in range(n_steps):
+        views.obs[t], views.core_state[t] = obs, core_state
+        views.actions[t], core_state[:] = sample_actions(model, obs, core_state, rng)
+        for k, env in enumerate(envs):
+            next_obs, views.rewards[t, k], terminated, truncated, info = env.step(views.actions[t, k])
+            if terminated or truncated:
+                views.final_obs[t, k] = next_obs
+                episode = (float(info["episode"]["r"]), int(info["episode"]["l"]))
+                rollouts.append(Rollout(k, starts[k], t + 1, terminated, episode))
+                next_obs, _ = env.reset()
+                core_state[k], starts[k] = 0.0, t + 1
+            obs[k] = next_obs
+    for k in range(len(envs)):  # rollouts cut by n_steps: bootstrap from the current observation
+        if starts[k] < n_steps:
+            views.final_obs[n_steps - 1, k] = obs[k]
+            rollouts.append(Rollout(k, starts[k], n_steps, False, None))
+    return rollouts
 
 
 # --- 6. Returns and loss ---------------------------------------------------------------------------
 
-def replay(model, rollouts):
-    """The learning pass: the model's outputs at every step of a batch of rollouts, under its current weights.
-
-    Each rollout runs from the core's state its worker had before its first step, which is data: no
-    gradient flows back into the rollout before (truncated backpropagation through time over --n-steps).
-    In data mode that is also what lets the learner replay exactly what the worker saw.
-    Returns: head outputs [N, ...] and values [N] of the steps laid end to end, the state after each rollout.
-    """
-    obs = torch.from_numpy(np.concatenate([r.obs for r in rollouts]))  # s_0 .. s_{T-1} of each rollout
-    initial_states = torch.from_numpy(np.stack([r.initial_state for r in rollouts]))
-    return model(obs, initial_states, [len(r.rewards) for r in rollouts])
-
-
-def bootstrap_values(model, rollouts, states):
-    """R_T, where each rollout's returns start: 0 if its episode terminated (nothing follows a terminal
-    state), else V(s_T) of its final observation, because the episode goes on past a time limit or a cut
-    by n_steps (Mnih et al. 2016, Alg. S3). Computed without gradient: R is the critic's target.
-
-    Args: rollouts with final_obs and terminated; states [N, state_size], the core's state after each
-    rollout's last step (replay's). Returns: a list of floats, one per rollout.
-    """
-    with torch.no_grad():
-        _, final_values, _ = model(torch.from_numpy(np.stack([r.final_obs for r in rollouts])), states)  # [N]
-    return [0.0 if r.terminated else v for r, v in zip(rollouts, final_values.tolist())]
-
-
 def n_step_returns(rewards, bootstrap_value, gamma):
-    """Discounted returns of one rollout: R_t = r_t + gamma * R_{t+1}, with R_T = bootstrap_value.
-
-    Args:
-        rewards: [T] rewards r_0 .. r_{T-1}.
-        bootstrap_value: V(s_T) if the rollout was cut or truncated, 0 if the episode terminated.
-        gamma: discount factor.
-    Returns: float32 tensor [T].
-    """
-    returns = [0.0] * len(rewards)
-    running = float(bootstrap_value)
+    """Alg. S3's returns: R = bootstrap_value (0 if s_T is terminal, else V(s_T)), then R <- r_t + gamma R for
+    t = T - 1 .. 0. rewards [T] -> R_t [T] float32."""
+    returns, R = [0.0] * len(rewards), float(bootstrap_value)
     for t in reversed(range(len(rewards))):
-        running = float(rewards[t]) + gamma * running
-        returns[t] = running
+        R = float(rewards[t]) + gamma * R
+        returns[t] = R
     return torch.tensor(returns, dtype=torch.float32)
 
 
-def lambda_returns(rewards, values, bootstrap_value, gamma, lam):
-    """GAE's value targets (Schulman et al. 2016): R_t = r_t + gamma * ((1 - lam) V(s_{t+1}) + lam R_{t+1}),
-    with R_T = bootstrap_value, so that R_t - V(s_t) is the GAE(gamma, lam) advantage sum_l (gamma lam)^l delta_{t+l},
-    delta_t = r_t + gamma V(s_{t+1}) - V(s_t).
+def gae_advantages(rewards, values, bootstrap_value, gamma, lam):
+    """GAE (Schulman et al. 2016): delta_t = r_t + gamma V(s_{t+1}) - V(s_t), A_t = delta_t + gamma lam A_{t+1},
+    with V(s_T) = bootstrap_value. rewards [T], values [T] = V(s_t) -> A_t [T] float32; lam = 1 gives
+    R_t - V(s_t) of the n-step returns, lam = 0 the one-step TD error."""
+    next_values = [float(v) for v in values[1:]] + [float(bootstrap_value)]  # V(s_{t+1})
+    advantages, A = [0.0] * len(rewards), 0.0
+    for t in reversed(range(len(rewards))):
+        delta = float(rewards[t]) + gamma * next_values[t] - float(values[t])
+        A = delta + gamma * lam * A
+        advantages[t] = A
+    return torch.tensor(advantages, dtype=torch.float32)
 
-    That recursion is an n-step return of the rewards r_t + gamma (1 - lam) V(s_{t+1}) discounted by gamma lam:
-    with lam = 1 it is exactly n_step_returns (the paper's A3C), with lam = 0 the one-step TD target.
-    Args: rewards [T], values [T] = V(s_0) .. V(s_{T-1}) (no gradient), bootstrap_value as for n_step_returns.
-    Returns: float32 tensor [T].
-    """
-    next_values = np.append(np.asarray(values, dtype=np.float32)[1:], np.float32(bootstrap_value))  # V(s_{t+1})
-    return n_step_returns(rewards + gamma * (1 - lam) * next_values, bootstrap_value, gamma * lam)
+
+def value_targets(rewards, values, bootstrap_value, gamma, lam):
+    """R_t, what V(s_t) learns, R_t - V(s_t) being the advantage: the paper's n-step returns for lam = 1,
+    GAE's A_t + V(s_t) otherwise. rewards [T], values [T] (no gradient) -> [T] float32."""
+    if lam == 1:
+        return n_step_returns(rewards, bootstrap_value, gamma)
+    return gae_advantages(rewards, values, bootstrap_value, gamma, lam) + torch.as_tensor(values, dtype=torch.float32)
 
 
 def a3c_loss(log_probs, entropy, values, returns, value_coef, entropy_coef):
-    """policy_loss + value_coef * value_loss - entropy_coef * entropy, averaged over the T steps.
+    """Alg. S3's loss: -log pi(a_t|s_t) A_t + value_coef (R_t - V(s_t))^2 / 2 - entropy_coef H(pi(.|s_t)).
 
-    Args: log_probs [T] = log pi(a_t|s_t), entropy [T] of pi(.|s_t) (from the policy head, whatever the
-    action space), values [T] = V(s_t), returns [T] = R_t.
-    The advantage A_t = R_t - V(s_t) is detached in the policy term, so that term trains only the
-    policy and the critic learns from the value loss alone (Mnih et al. 2016, Alg. S3).
-    We average over steps instead of summing as Alg. S3 does: the gradient's scale, and so the right
-    learning rate, then does not depend on the rollout length or on how many rollouts are batched.
-    Returns the loss and its three terms, detached, for monitoring.
+    A_t = R_t - V(s_t) is detached, so that the policy term does not train the critic. Averaged over the T
+    steps where Alg. S3 sums, so that the right learning rate does not depend on the batch's size.
+    Args [T] each. Returns the loss and its three terms as floats.
     """
     T = log_probs.shape[0]
     assert log_probs.shape == entropy.shape == values.shape == returns.shape == (T,)
@@ -733,36 +631,51 @@ def a3c_loss(log_probs, entropy, values, returns, value_coef, entropy_coef):
     value_loss = 0.5 * (returns - values).pow(2).mean()
     entropy = entropy.mean()
     loss = policy_loss + value_coef * value_loss - entropy_coef * entropy
-    return loss, {"policy_loss": policy_loss.detach(), "value_loss": value_loss.detach(), "entropy": entropy.detach()}
+    return loss, {"policy_loss": policy_loss.item(), "value_loss": value_loss.item(), "entropy": entropy.item()}
 
 
 def explained_variance(values, returns):
-    """1 - Var(R - V) / Var(R) over a batch: 1 when V(s) predicts the returns exactly, 0 when it does no
-    better than their mean, negative when worse; nan when the returns do not vary. Args: [T], [T]."""
-    variance = returns.var(correction=0)
-    if variance == 0:
-        return torch.tensor(float("nan"))
-    return 1 - (returns - values).var(correction=0) / variance
+    """1 - Var(R - V) / Var(R) over a batch [T], [T]: 1 when V predicts the returns, 0 when no better than
+    their mean; nan when the returns do not vary."""
+    variance = returns.var(correction=0).item()
+    return math.nan if variance == 0 else 1 - (returns - values).var(correction=0).item() / variance
 
 
-def rollout_loss(model, rollouts, gamma, value_coef, entropy_coef, reward_scale=1.0, gae_lambda=1.0):
-    """The A3C loss of a batch of rollouts under the model's current weights: the single piece of maths
-    both modes train with, from the rollouts to one scalar.
+def replay(model, rollouts):
+    """The learning pass over rollouts [(RolloutBuffer, Rollout), ...] laid end to end, under the current weights.
 
-    The critic learns the values of rewards * reward_scale * model.reward_scale(). Scaling every reward
-    by one positive factor scales every return and value by it and leaves the best policy unchanged, but
-    it sets the size of the value loss (which grows with its square) against the policy and entropy
-    terms: with raw returns near 1 / (1 - gamma) = 100, the value gradient swamps the shared torso.
-    The final observations get their own forward pass (bootstrap_values), without autograd: inside the
-    trained batch they would cost backward work for rows that receive no gradient.
+    Each rollout starts from the core state its worker had: data, so no gradient reaches the rollout before
+    (truncated backpropagation through time). V(s_T) comes from a forward pass of its own, without gradient:
+    it is part of the critic's target. Returns head outputs [N, ...], V(s_t) [N], V(s_T) [n].
     """
-    head_out, values, final_states = replay(model, rollouts)
+    obs = torch.cat([buffer.obs[r.start:r.stop, r.env] for buffer, r in rollouts])
+    core_states = torch.stack([buffer.core_state[r.start, r.env] for buffer, r in rollouts])
+    head_out, values, final_core_states = model(obs, core_states, [r.stop - r.start for _, r in rollouts])
+    with torch.no_grad():
+        final_obs = torch.stack([buffer.final_obs[r.stop - 1, r.env] for buffer, r in rollouts])
+        _, final_values, _ = model(final_obs, final_core_states)
+    return head_out, values, final_values
+
+
+def rollout_loss(model, batch, gamma, value_coef, entropy_coef, reward_scale=1.0, gae_lambda=1.0):
+    """The loss both modes train with: a3c_loss of a batch [(RolloutBuffer, [Rollout, ...]), ...].
+
+    The critic learns the values of rewards * reward_scale * model.reward_scale(): one positive factor
+    leaves the best policy alone, but sets the size of the value loss against the other two terms.
+    Returns the loss and its statistics (floats).
+    """
+    rollouts = [(buffer, r) for buffer, buffer_rollouts in batch for r in buffer_rollouts]
+    head_out, values, final_values = replay(model, rollouts)
     scale = reward_scale * model.reward_scale()
-    values_of = np.split(values.detach().numpy(), np.cumsum([len(r.rewards) for r in rollouts])[:-1])
-    returns = torch.cat([lambda_returns(r.rewards * scale, v, bootstrap, gamma, gae_lambda)
-                         for r, v, bootstrap in zip(rollouts, values_of,
-                                                    bootstrap_values(model, rollouts, final_states.detach()))])
-    actions = torch.from_numpy(np.concatenate([r.actions for r in rollouts]))
+    returns, start = [], 0
+    for (buffer, r), final_value in zip(rollouts, final_values.tolist()):
+        end = start + r.stop - r.start  # this rollout's steps in values
+        rewards = (buffer.rewards[r.start:r.stop, r.env] * scale).tolist()
+        bootstrap = 0.0 if r.terminated else final_value  # nothing follows a terminal state
+        returns.append(value_targets(rewards, values[start:end].tolist(), bootstrap, gamma, gae_lambda))
+        start = end
+    returns = torch.cat(returns)
+    actions = torch.cat([buffer.actions[r.start:r.stop, r.env] for buffer, r in rollouts])
     log_probs, entropy = model.policy.log_prob_entropy(head_out, actions)
     loss, stats = a3c_loss(log_probs, entropy, values, returns, value_coef, entropy_coef)
     return loss, {**stats, "explained_variance": explained_variance(values.detach(), returns)}
@@ -775,6 +688,11 @@ def check_finite(loss):
 
 
 # --- 7. Workers ------------------------------------------------------------------------------------
+# A worker is a generator: it yields (env steps taken, message for the main process or None) as it goes, and
+# section 9 runs it in a process until training stops. A mode is what train() needs of one way of training,
+# four members: worker (the generator), worker_args(rank) (what the worker takes after rank and args),
+# receive(message, monitor, steps) (the main process's part, message by message) and optimizer (which a
+# checkpoint saves). Hogwild is gradient mode's, Learner (section 8) data mode's.
 
 def sync_model(local_model, shared_model):
     """Copy the shared weights, and running statistics if any, into the local model in place."""
@@ -785,14 +703,12 @@ def sync_model(local_model, shared_model):
 
 
 def hogwild_update(local_model, shared_model, optimizer, loss, max_grad_norm):
-    """Back-propagate the loss into the local model and apply that gradient to the shared model.
+    """Backpropagate into the local model and apply that gradient to the shared model, without a lock.
 
-    Since torch 2.0 zero_grad() sets gradients to None, so the old trick of aliasing the local
-    gradients into the shared parameters once would leave them summing across updates: we clear the
-    local gradients and hand them over again on every update, so each step applies this loss alone.
-    There is no lock: workers overwrite each other's updates now and then, which Hogwild (Recht et
-    al. 2011) shows costs little, and which is how Mnih et al. 2016 ran A3C.
-    Returns the gradient's norm before clipping.
+    Workers then overwrite each other's updates now and then, which Hogwild (Recht et al. 2011) shows costs
+    little and is how the paper ran A3C. The local gradients are cleared and handed over on every update:
+    zero_grad() sets them to None, so aliasing them once would leave them summing. Returns the norm before
+    clipping.
     """
     local_model.zero_grad()
     loss.backward()
@@ -800,77 +716,59 @@ def hogwild_update(local_model, shared_model, optimizer, loss, max_grad_norm):
     for local, shared in zip(local_model.parameters(), shared_model.parameters()):
         shared.grad = local.grad
     optimizer.step()
-    return grad_norm
+    return grad_norm.item()
 
 
-def update_statistics(shared_model, buffer, segments, discounted, gamma):
-    """Fold what a worker's envs just showed into the shared model's running statistics, if it keeps any:
-    the observations s_t, and the discounted return G = r_t + gamma G of each env, zeroed when an episode
-    ends, whose standard deviation scales the rewards (VecNormalize's rule). discounted [K] carries each
-    env's G from one rollout to the next."""
+def update_statistics(shared_model, buffer, rollouts, discounted, gamma):
+    """Fold a buffer's observations, and the discounted return G <- r_t + gamma G of each env (zeroed where an
+    episode ends), into the shared model's running statistics, if it keeps any. discounted [K] carries each
+    env's G from one buffer to the next."""
     if shared_model.obs_stats is not None:
         shared_model.obs_stats.update(buffer.obs.reshape(-1, buffer.obs.shape[-1]))
     if shared_model.return_stats is not None:
         ended = np.zeros(buffer.rewards.shape, dtype=bool)  # [n_steps, K]
-        for s in segments:
-            ended[s.stop - 1, s.env] = s.episode is not None
-        seen = np.empty_like(buffer.rewards)
-        for t in range(len(seen)):
-            discounted[:] = gamma * discounted + buffer.rewards[t]
+        for r in rollouts:
+            ended[r.stop - 1, r.env] = r.episode is not None
+        seen = np.empty(buffer.rewards.shape, np.float32)
+        for t, rewards in enumerate(buffer.rewards.numpy()):
+            discounted[:] = gamma * discounted + rewards
             seen[t] = discounted
             discounted[ended[t]] = 0.0
         shared_model.return_stats.update(seen.reshape(-1))
 
 
 def worker_setup(rank, args):
-    """What every worker does first: its seeds, its own envs, its own local model, and where each env's
-    first step starts from: its observation and the core's zero state."""
+    """A worker's seeds, its own envs and local model, and each env's first observation and zero core state."""
     torch.manual_seed(args.seed + rank)
     rng = np.random.default_rng(args.seed + rank)
-    # env k of worker i starts from seed + i + k * workers: with one env per worker, worker i uses seed + i
-    seeds = [args.seed + rank + k * args.workers for k in range(args.envs_per_worker)]
+    seeds = [args.seed + rank + k * args.workers for k in range(args.envs_per_worker)]  # 1 env: seed + rank
     envs = [make_env(args.env, seed, frame_stack=args.frame_stack) for seed in seeds]
     obs = observation_batch([env.reset(seed=seed)[0] for env, seed in zip(envs, seeds)])
     model = new_model(model_shape(envs[0]), args)
-    return envs, model, obs, model.initial_state(len(envs)).numpy(), rng
+    return envs, model, obs, model.initial_core_state(len(envs)).numpy(), rng
 
 
-class UpdateReport(NamedTuple):
-    """Gradient worker -> main process, now and then: what the monitor shows."""
-    rank: int
-    episodes: list        # (return, length) of each episode that ended since the last report
-    stats: "UpdateStats"  # statistics of the updates since the last report, summed
-
-
-def gradient_worker(rank, args, shared_model, optimizer, worker_steps, messages, stop_event, parent_pid):
-    """Hogwild worker (Mnih et al. 2016, Alg. S3): act, compute the gradient, apply it to the shared model."""
-    with worker_process(rank, messages):
-        envs, local_model, obs, state, rng = worker_setup(rank, args)
-        buffer = step_buffer(local_model, args.n_steps, len(envs)).numpy()
-        discounted = np.zeros(len(envs))
-        stats, last_sent = UpdateStats(), time.monotonic()
-        while not stop_event.is_set() and parent_alive(parent_pid):
-            sync_model(local_model, shared_model)
-            segments = collect_segments(envs, local_model, obs, state, buffer, rng)
-            loss, update = rollout_loss(local_model, rollouts_in(buffer, segments), args.gamma, args.value_coef,
-                                        args.entropy_coef, args.reward_scale, args.gae_lambda)
-            check_finite(loss)
-            update["grad_norm"] = hogwild_update(local_model, shared_model, optimizer, loss, args.max_grad_norm)
-            update_statistics(shared_model, buffer, segments, discounted, args.gamma)  # after: acted and learned alike
-            stats.add(update)
-            worker_steps[rank] += args.n_steps * len(envs)
-            episodes = [s.episode for s in segments if s.episode is not None]
-            # Sent with each episode that ends, and at least once a second so long episodes do not hide the
-            # statistics; summed in between, so the main process reads one message, not one per update.
-            if episodes or time.monotonic() - last_sent >= 1.0:
-                messages.put(UpdateReport(rank, episodes, stats))
-                stats, last_sent = UpdateStats(), time.monotonic()
+def gradient_worker(rank, args, shared_model, optimizer):
+    """Alg. S3's actor-learner: copy the shared weights, act, compute the gradient, apply it to the shared
+    model. Yields (steps, (rank, episodes ended, the update's statistics)) after each update."""
+    envs, local_model, obs, core_state, rng = worker_setup(rank, args)
+    buffer = RolloutBuffer.allocate(local_model, args.n_steps, len(envs))
+    discounted = np.zeros(len(envs))
+    while True:
+        sync_model(local_model, shared_model)
+        rollouts = collect_rollouts(envs, local_model, obs, core_state, buffer, rng)
+        loss, update = rollout_loss(local_model, [(buffer, rollouts)], args.gamma, args.value_coef,
+                                    args.entropy_coef, args.reward_scale, args.gae_lambda)
+        check_finite(loss)
+        update["grad_norm"] = hogwild_update(local_model, shared_model, optimizer, loss, args.max_grad_norm)
+        update_statistics(shared_model, buffer, rollouts, discounted, args.gamma)  # after: acted and learned alike
+        yield args.n_steps * len(envs), (rank, [r.episode for r in rollouts if r.episode is not None], update)
 
 
 class Hogwild:
-    """Gradient mode, seen from the main process: the workers learn on their own, writing the shared model
-    through SharedAdam; their reports only feed the monitor."""
-    worker = staticmethod(gradient_worker)  # what each worker process runs (Learner has the same three members)
+    """Gradient mode's four members: the workers learn on their own, through SharedAdam; their messages only
+    feed the monitor."""
+    worker = staticmethod(gradient_worker)
 
     def __init__(self, args, shared_model, ctx):
         self.shared_model = shared_model
@@ -880,57 +778,39 @@ class Hogwild:
     def worker_args(self, rank):
         return self.shared_model, self.optimizer
 
-    def receive(self, report, monitor, steps):
-        for episode in report.episodes:
-            monitor.add_episode(report.rank, *episode, steps)
-        monitor.stats.merge(report.stats)
+    def receive(self, message, monitor, steps):
+        rank, episodes, update = message
+        for episode in episodes:
+            monitor.add_episode(rank, *episode, steps)
+        monitor.stats.add(update)
 
 
-class FilledBuffer(NamedTuple):
-    """Data worker -> learner: where a worker's rollouts lie, a message of a few hundred bytes."""
-    rank: int
-    index: int       # which of the worker's StepBuffers holds them
-    version: int     # the policy version that chose the actions
-    segments: list   # the Segments: which steps of which env form each rollout, and how it ended
-
-
-def data_worker(rank, args, shared_model, policy_version, buffers, free_buffers, worker_steps, messages,
-                stop_event, parent_pid):
-    """Data-parallel worker: act with a fresh copy of the shared weights into a shared StepBuffer, and tell
-    the learner where the rollouts lie (a FilledBuffer)."""
-    with worker_process(rank, messages):
-        envs, local_model, obs, state, rng = worker_setup(rank, args)
-        buffers = [buffer.numpy() for buffer in buffers]
-        discounted = np.zeros(len(envs))
-        sent = 0
-        while not stop_event.is_set() and parent_alive(parent_pid):
-            # The learner hands a buffer back (releases free_buffers) once it has learned from it, in the
-            # order they were sent. With none free the worker waits: a slow learner holds the workers back
-            # instead of letting rollouts, and policy lag, pile up. The timeout keeps checking whether to stop.
-            if not free_buffers.acquire(timeout=0.1):
-                continue
-            index = sent % len(buffers)
-            version = policy_version.value  # read first: the weights copied next are at least this new
-            sync_model(local_model, shared_model)
-            segments = collect_segments(envs, local_model, obs, state, buffers[index], rng)
-            update_statistics(shared_model, buffers[index], segments, discounted, args.gamma)
-            worker_steps[rank] += args.n_steps * len(envs)
-            # A few hundred bytes, one Segment per rollout: under PIPE_BUF (4 KiB) unless a worker steps
-            # hundreds of envs, the pipe takes it in one atomic write, so a worker killed while sending leaves
-            # the whole message or none, never half of one that would stall the learner's read.
-            messages.put(FilledBuffer(rank, index, version, segments))
-            sent += 1
+def data_worker(rank, args, shared_model, policy_version, buffers, free_buffers):
+    """Data mode's actor: with a fresh copy of the shared weights, fill one of its shared RolloutBuffers. Yields
+    (steps, (rank, which buffer, the policy version that acted, its Rollouts)) for the learner."""
+    envs, local_model, obs, core_state, rng = worker_setup(rank, args)
+    discounted = np.zeros(len(envs))
+    for index in itertools.cycle(range(len(buffers))):  # its buffers in turn, the order the learner frees them
+        # The learner hands a buffer back (releases free_buffers) once it has learned from it, in the order they
+        # were sent. With none free the worker waits: a slow learner holds the workers back instead of letting
+        # rollouts, and policy lag, pile up. The timeout lets the process check whether to stop.
+        while not free_buffers.acquire(timeout=0.1):
+            yield 0, None
+        version = policy_version.value  # read first: the weights copied next are at least this new
+        sync_model(local_model, shared_model)
+        rollouts = collect_rollouts(envs, local_model, obs, core_state, buffers[index], rng)
+        update_statistics(shared_model, buffers[index], rollouts, discounted, args.gamma)
+        yield args.n_steps * len(envs), (rank, index, version, rollouts)
 
 
 # --- 8. Learner (data mode) ------------------------------------------------------------------------
 
 class Learner:
-    """Data mode's learner, in the main process: the single writer of the weights.
+    """Data mode's four members. The learner, in the main process, is the single writer of the weights.
 
-    It owns the step buffers the workers fill (a few per worker, in shared memory), one semaphore per
-    worker counting that worker's free buffers, the policy version the workers stamp their rollouts
-    with, and the batch of messages it has not learned from yet. receive() takes one message and learns
-    once --batch-rollouts of them have come.
+    It owns the RolloutBuffers the workers fill (a few per worker, in shared memory), a semaphore per worker
+    counting its free buffers, the policy version the workers stamp their rollouts with, and the batch of
+    messages not learned from yet; it learns once --batch-buffers of them have come.
     """
     worker = staticmethod(data_worker)
 
@@ -938,50 +818,48 @@ class Learner:
         self.args, self.shared_model = args, shared_model
         self.optimizer = torch.optim.Adam(shared_model.parameters(), lr=args.lr, fused=True)
         self.version = ctx.Value("q", 0, lock=False)  # written by the learner alone
-        self.batch_size = args.batch_rollouts or args.workers
-        # The learner holds a batch's buffers until it has learned from them: with fewer buffers than
-        # batch_size in all, every worker could end up waiting for one, and the learner for a message.
-        # One more per worker lets it act while the learner learns.
+        self.batch_size = args.batch_buffers or args.workers
+        # The learner holds a batch's buffers until it has learned from them: with fewer than batch_size in all,
+        # every worker could wait for one and the learner for a message. One more per worker lets it act meanwhile.
         per_worker = math.ceil(self.batch_size / args.workers) + 1
-        one = sum(field.nbytes for field in step_buffer(shared_model, args.n_steps, args.envs_per_worker))
-        require_shared_memory(one * per_worker * args.workers)
-        self.buffers = [[step_buffer(shared_model, args.n_steps, args.envs_per_worker, shared=True)
+        one = sum(field.nbytes for field in RolloutBuffer.allocate(shared_model, args.n_steps, args.envs_per_worker))
+        require_shared_memory(one * per_worker * args.workers)  # section 9: a usage error, before any process starts
+        self.buffers = [[RolloutBuffer.allocate(shared_model, args.n_steps, args.envs_per_worker, shared=True)
                          for _ in range(per_worker)] for _ in range(args.workers)]
         self.free_buffers = [ctx.Semaphore(per_worker) for _ in range(args.workers)]
-        self.batch = []  # FilledBuffers not learned from yet
+        self.batch = []  # messages (rank, index, version, rollouts) not learned from yet
 
     def worker_args(self, rank):
         return self.shared_model, self.version, self.buffers[rank], self.free_buffers[rank]
 
     def receive(self, message, monitor, steps):
-        for segment in message.segments:
-            if segment.episode is not None:
-                monitor.add_episode(message.rank, *segment.episode, steps)
+        rank, _, _, rollouts = message
+        for r in rollouts:
+            if r.episode is not None:
+                monitor.add_episode(rank, *r.episode, steps)
         self.batch.append(message)
         if len(self.batch) == self.batch_size:
             monitor.stats.add(self.learn())
 
     def learn(self):
-        """One gradient step on the batch with the current weights; then its buffers go back to the workers.
+        """One gradient step on the batch under the current weights; then its buffers go back to the workers.
 
-        A3C has no off-policy correction: the actions were sampled by weights a few updates old (the
-        policy lag), and the gradient treats them as on-policy. IMPALA's V-trace is the fix for large lags.
-        Returns the update's statistics: rollout_loss's, the gradient norm before clipping and the lag.
+        A3C has no off-policy correction: the actions were sampled by weights a few updates old (the policy
+        lag), and the gradient treats them as on-policy. IMPALA's V-trace is the fix for large lags.
         """
         args = self.args
-        rollouts = [rollout for m in self.batch
-                    for rollout in rollouts_in(self.buffers[m.rank][m.index].numpy(), m.segments)]
-        loss, update = rollout_loss(self.shared_model, rollouts, args.gamma, args.value_coef, args.entropy_coef,
+        batch = [(self.buffers[rank][index], rollouts) for rank, index, _, rollouts in self.batch]
+        loss, update = rollout_loss(self.shared_model, batch, args.gamma, args.value_coef, args.entropy_coef,
                                     args.reward_scale, args.gae_lambda)
         check_finite(loss)
         self.optimizer.zero_grad()
         loss.backward()
-        update["grad_norm"] = nn.utils.clip_grad_norm_(self.shared_model.parameters(), args.max_grad_norm)
+        update["grad_norm"] = nn.utils.clip_grad_norm_(self.shared_model.parameters(), args.max_grad_norm).item()
         self.optimizer.step()
-        update["policy_lag"] = sum(self.version.value - m.version for m in self.batch) / len(self.batch)
+        update["policy_lag"] = sum(self.version.value - version for _, _, version, _ in self.batch) / len(self.batch)
         self.version.value += 1
-        for m in self.batch:  # learned from: the worker may overwrite it
-            self.free_buffers[m.rank].release()
+        for rank, *_ in self.batch:  # learned from: the worker may overwrite it
+            self.free_buffers[rank].release()
         self.batch = []
         return update
 
@@ -991,20 +869,15 @@ class Learner:
 def start_method():
     """fork on Linux, spawn elsewhere, chosen explicitly (Python 3.14 made forkserver Linux's default).
 
-    fork starts a worker with torch already imported, where spawn imports it again in every worker. It is
-    safe here because the main process has no thread yet when the workers start (the TensorBoard writer
-    comes after them). spawn is the only way on Windows and the safe one on macOS.
+    fork starts a worker with torch already imported, where spawn imports it again in every worker; it is
+    safe because the main process has no thread yet when the workers start (TensorBoard's comes after).
     """
     return mp.get_context("fork" if sys.platform == "linux" else "spawn")
 
 
 def keep_freed_memory():
-    """Ask glibc to keep the memory torch frees for reuse, instead of handing it back to the OS at once.
-
-    Each update allocates and frees the same large temporaries (a Pong batch as floats). glibc serves such
-    blocks with mmap and unmaps them on free, so every update would pay again for fresh zeroed pages.
-    glibc (Linux) only; elsewhere it does nothing.
-    """
+    """Ask glibc to keep the memory torch frees for reuse: each update allocates and frees the same large
+    temporaries, which glibc would otherwise unmap and map again as fresh zeroed pages. Linux only."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -1026,11 +899,11 @@ def shared_memory_free():
 
 
 def require_shared_memory(needed):
-    """Refuse step buffers the shared-memory file system cannot hold, before any process starts: torch
+    """Refuse rollout buffers the shared-memory file system cannot hold, before any process starts: torch
     would fail halfway with a traceback. A container's is often small (Docker's default: 64 MB)."""
     free = shared_memory_free()
     if free is not None and needed > free:
-        raise UsageError(f"data mode's step buffers need {needed / 2**20:.1f} MiB of shared memory and "
+        raise UsageError(f"data mode's rollout buffers need {needed / 2**20:.1f} MiB of shared memory and "
                          f"{SHARED_MEMORY} has {free / 2**20:.1f} MiB free: lower --workers, --envs-per-worker "
                          f"or --n-steps, or enlarge {SHARED_MEMORY} (docker run --shm-size)")
 
@@ -1038,20 +911,25 @@ def require_shared_memory(needed):
 DIVERGED = 3  # a worker's exit code when its loss stopped being finite
 
 
-@contextlib.contextmanager
-def worker_process(rank, messages):
-    """How every worker process runs and ends.
+def worker_process(rank, worker, args, worker_args, worker_steps, messages, stop_event, parent_pid):
+    """What every worker process runs: a mode's worker generator, until the stop event or its parent's death.
 
-    One thread (two cores: a worker that spawns threads only slows the others down); signals left to the
-    main process, which decides when to stop; exit code DIVERGED with one line for a non-finite loss, 1 and
-    the traceback for any other error; never blocked at exit on messages that nobody will read any more.
+    It adds the env steps the worker reports to its counter and puts its messages on the queue. One thread
+    (two cores: a worker that spawns threads slows the others down); signals are the main process's to act
+    on; exit code DIVERGED with one line for a non-finite loss, 1 and the traceback for any other error.
     """
     torch.set_num_threads(1)
     keep_freed_memory()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the main process decides
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler, which fork copies
     try:
-        yield
+        for steps, message in worker(rank, args, *worker_args):
+            worker_steps[rank] += steps
+            if message is not None:
+                messages.put(message)
+            # a worker whose parent died, even by SIGKILL, is re-parented: it stops rather than run on as an orphan
+            if stop_event.is_set() or os.getppid() != parent_pid:
+                break
     except FloatingPointError as e:
         print(f"worker {rank}: {e}", file=sys.stderr, flush=True)
         sys.exit(DIVERGED)
@@ -1059,19 +937,12 @@ def worker_process(rank, messages):
         print(f"worker {rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         sys.exit(1)
     finally:
-        messages.cancel_join_thread()
-
-
-def parent_alive(parent_pid):
-    """A worker whose parent died (even by SIGKILL) is re-parented: stop rather than run on as an orphan."""
-    return os.getppid() == parent_pid
+        messages.cancel_join_thread()  # never blocked at exit on messages that nobody will read any more
 
 
 class Stop(Exception):
-    """Raised in the main process to end training early, with the exit code main() returns.
-
-    save=False when training diverged: the last checkpoint written before is the last good one.
-    """
+    """Raised in the main process to end training early, with the exit code main() returns; save=False when
+    training diverged, so that the last checkpoint written stays the last good one."""
 
     def __init__(self, message, exit_code, save=True):
         super().__init__(message)
@@ -1079,12 +950,11 @@ class Stop(Exception):
 
 
 class StopSignals:
-    """SIGINT and SIGTERM while training: the handler only notes the signal and the loop acts on it (check).
+    """SIGINT and SIGTERM while training: the handler only notes the signal, and the loop acts on it (check).
 
-    A handler that raised at once would raise wherever the main process happens to be, in data mode often
-    in the middle of reading a message from the pipe: the half-read message then breaks the clean-up
-    that drains the queue. The loop comes round at least every 0.1 s, so stopping waits no longer.
-    A second signal during the clean-up is noted too, and so cannot cut it short.
+    A handler that raised at once would raise wherever the main process is, in data mode often halfway
+    through reading a message, which would then break the clean-up that drains the queue. The loop comes
+    round at least every 0.1 s; a second signal during the clean-up is noted too, and cannot cut it short.
     """
 
     def __enter__(self):
@@ -1105,18 +975,18 @@ class StopSignals:
 
 
 class Workers:
-    """A run's worker processes and what they share with the main process: one env-step counter each, the
+    """A run's worker processes and what they share with the main process: an env-step counter each, the
     queue of their messages and the stop event."""
 
     def __init__(self, ctx, args, mode):
-        # One slot per worker and no lock: each slot has one writer, and a worker killed while holding a
-        # lock would leave it locked for good, hanging whoever reads the counter next.
+        # One slot per worker and no lock: each slot has one writer, and a worker killed while holding a lock
+        # would leave it locked for good, hanging whoever reads the counter next.
         self.worker_steps = ctx.Array("q", args.workers, lock=False)
-        self.messages = ctx.Queue()  # UpdateReports (gradient mode) or FilledBuffers (data mode)
+        self.messages = ctx.Queue()
         self.stop_event = ctx.Event()
-        self.processes = [ctx.Process(target=mode.worker, daemon=True, args=(
-            rank, args, *mode.worker_args(rank), self.worker_steps, self.messages, self.stop_event, os.getpid()))
-            for rank in range(args.workers)]
+        self.processes = [ctx.Process(target=worker_process, daemon=True, args=(
+            rank, mode.worker, args, mode.worker_args(rank), self.worker_steps, self.messages, self.stop_event,
+            os.getpid())) for rank in range(args.workers)]
 
     def start(self):
         for process in self.processes:
@@ -1172,26 +1042,27 @@ def stop_processes(processes, queues):
 
 # --- 10. Checkpoints --------------------------------------------------------------------------------
 
-CHECKPOINT_FORMAT = "a3c.py checkpoint v4"  # v3: the MODEL_FLAGS (running statistics, a separate critic); v4: lstm
-OLDER_FORMATS = {"a3c.py checkpoint v2": dict.fromkeys(MODEL_FLAGS, False),  # v2 had none of the flags,
-                 "a3c.py checkpoint v3": {"lstm": False}}  # v3 had no LSTM
+CHECKPOINT_FORMAT = "a3c.py checkpoint v5"  # v5: torch's LSTM cell; v4: lstm; v3: the other MODEL_FLAGS
+OLDER_FORMATS = {"a3c.py checkpoint v2": dict.fromkeys(MODEL_FLAGS, False),  # what each lacked
+                 "a3c.py checkpoint v3": {"lstm": False}, "a3c.py checkpoint v4": {}}
+V4_LSTM = {"core.input_weights.weight": "core.cell.weight_ih", "core.input_weights.bias": "core.cell.bias_ih",
+           "core.hidden_weights.weight": "core.cell.weight_hh"}  # v4's own LSTM: the same gates (i, f, g, o)
+
+
+class CheckpointError(Exception):
+    """A checkpoint that could not be written (a full disk, say): the file at the path is left as it was."""
 
 
 def save_checkpoint(path, model, optimizer, args, steps, episodes, recent_returns):
-    """Write everything --eval and --resume need, atomically: a crash mid-write leaves the old file whole.
+    """Write everything --eval and --resume need, atomically: a failed or cut write leaves the old file whole.
 
-    Returns False, writing nothing, when a weight is not finite: the last good checkpoint then stays.
+    Returns False, writing nothing, when a weight is not finite; raises CheckpointError when it cannot write.
     """
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         return False
-    checkpoint = {"format": CHECKPOINT_FORMAT, "env": args.env, "obs_size": model.obs_size,
-                  "n_actions": model.policy.out.out_features, "hidden": model.hidden,
-                  "continuous": isinstance(model.policy, GaussianHead),
-                  "normalize_obs": model.obs_stats is not None, "normalize_reward": model.return_stats is not None,
-                  "separate_critic": model.critic_torso is not None,  # the MODEL_FLAGS it was built with
-                  "lstm": isinstance(model.core, LSTMCore),
-                  "model": model.state_dict(), "optimizer": optimizer.state_dict(), "args": vars(args),
-                  "steps": steps, "episodes": episodes, "recent_returns": list(recent_returns)}
+    checkpoint = {"format": CHECKPOINT_FORMAT, "env": args.env, **model.config, "model": model.state_dict(),
+                  "optimizer": optimizer.state_dict(), "args": vars(args), "steps": steps, "episodes": episodes,
+                  "recent_returns": list(recent_returns)}
     tmp = f"{path}.tmp"  # in the same folder, so os.replace is a rename within one file system
     try:
         with open(tmp, "wb") as f:
@@ -1199,9 +1070,12 @@ def save_checkpoint(path, model, optimizer, args, steps, episodes, recent_return
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):  # open() may have failed before creating it
+    except BaseException as e:
+        with contextlib.suppress(OSError):  # open() may have failed before creating it
             os.unlink(tmp)
+        if isinstance(e, (OSError, RuntimeError)):  # torch reports a failed write as a RuntimeError from the OSError
+            cause = e if isinstance(e, OSError) else e.__context__ if isinstance(e.__context__, OSError) else e
+            raise CheckpointError(f"cannot write checkpoint {path}: {getattr(cause, 'strerror', None) or cause}")
         raise
     return True
 
@@ -1216,7 +1090,12 @@ def load_checkpoint(path):
         raise UsageError(f"checkpoint {path}: not readable as an a3c.py checkpoint ({type(e).__name__})")
     if not isinstance(checkpoint, dict) or checkpoint.get("format") not in (CHECKPOINT_FORMAT, *OLDER_FORMATS):
         raise UsageError(f"checkpoint {path}: not an a3c.py checkpoint")
-    return {**OLDER_FORMATS.get(checkpoint["format"], {}), **checkpoint}
+    checkpoint = {**OLDER_FORMATS.get(checkpoint["format"], {}), **checkpoint}
+    if checkpoint["format"] == "a3c.py checkpoint v4" and checkpoint["lstm"]:
+        weights = {V4_LSTM.get(name, name): value for name, value in checkpoint["model"].items()}
+        weights["core.cell.bias_hh"] = torch.zeros_like(weights["core.cell.bias_ih"])  # torch's second bias
+        checkpoint["model"], checkpoint["optimizer"] = weights, None  # Adam's state was for the old parameters
+    return checkpoint
 
 
 def checkpoint_shape(checkpoint):
@@ -1228,12 +1107,9 @@ def checkpoint_shape(checkpoint):
 # --- 11. Monitor and training loop -----------------------------------------------------------------
 
 class UpdateStats:
-    """Sums of per-update statistics, so that the monitor shows (and workers send) their means now and then,
-    not every update.
-
-    Each statistic counts its finite values only: explained variance is nan for a batch whose returns do
-    not vary, and gradient mode has no policy lag.
-    """
+    """Sums of per-update statistics, so that the monitor shows their means now and then, not every update.
+    Each counts its finite values only: explained variance is nan for returns that do not vary, and gradient
+    mode has no policy lag."""
     TAGS = {"policy_loss": "update/policy_loss", "value_loss": "update/value_loss", "entropy": "update/entropy",
             "explained_variance": "update/explained_variance", "grad_norm": "update/grad_norm",
             "policy_lag": "data_mode/policy_lag"}  # each statistic's TensorBoard tag
@@ -1247,19 +1123,13 @@ class UpdateStats:
         self.sums[finite] += values[finite]
         self.counts += finite
 
-    def merge(self, other):
-        self.sums += other.sums
-        self.counts += other.counts
-
     def means(self):
         return {name: s / n for name, s, n in zip(self.TAGS, self.sums, self.counts) if n > 0}
 
 
 class Monitor:
     """Episode statistics, progress lines, the episode CSV, TensorBoard and the stop criteria, in both modes.
-
-    The main process is the only writer of the CSV and the event files: workers send what they measure.
-    """
+    The main process is the only writer of the CSV and the event files: workers send what they measure."""
 
     def __init__(self, args, steps=0, episodes=0, recent_returns=()):
         self.args = args
@@ -1275,10 +1145,8 @@ class Monitor:
                 self.csv.writerow(["wall_time", "steps", "worker", "return", "length"])
 
     def open_tensorboard(self):
-        """Start the event-file writer, and record the run's flags as a table.
-
-        Called after the workers have started: the writer runs a thread, and fork copies no thread.
-        """
+        """Start the event-file writer, after the workers (it runs a thread, which fork would not copy), and
+        record the run's flags as a table."""
         from torch.utils.tensorboard import SummaryWriter  # optional: prepare() checked that it imports
         self.writer = SummaryWriter(self.args.tensorboard)
         flags = "\n".join(f"| --{name.replace('_', '-')} | {value} |" for name, value in vars(self.args).items())
@@ -1343,9 +1211,8 @@ class Monitor:
 def train(args, checkpoint=None):
     """Train until solved, a budget runs out or a stop; returns a summary dict with the exit code.
 
-    The main process runs the monitor and, in data mode, the learner: the single writer of the weights,
-    holding the optimizer, so weights and optimizer state never travel back from another process and a
-    checkpoint is a plain save from here.
+    The main process runs the monitor and, in data mode, the learner, which holds the optimizer: weights and
+    optimizer state never travel back from another process, and a checkpoint is a plain save from here.
     """
     torch.set_num_threads(1)
     keep_freed_memory()  # for the learner, in data mode
@@ -1367,9 +1234,17 @@ def train(args, checkpoint=None):
     def global_step():
         return counters["steps"] + workers.steps()
 
-    def save():
-        return save_checkpoint(args.save, shared_model, mode.optimizer, args, global_step(), monitor.episodes,
-                               monitor.recent)
+    def save(final=False):
+        """A checkpoint now; one that cannot be written is one line on stderr: mid-run, training goes on and
+        the last good checkpoint stays; at the end, the run's exit code becomes 1."""
+        try:
+            return save_checkpoint(args.save, shared_model, mode.optimizer, args, global_step(),
+                                   monitor.episodes, monitor.recent)
+        except CheckpointError as e:
+            print(f"a3c.py: {e}" + ("" if final else "; training goes on"), file=sys.stderr, flush=True)
+            if final:
+                outcome["exit_code"] = outcome["exit_code"] or 1
+            return False
 
     outcome = {"exit_code": 0, "message": None, "save": True}
     with StopSignals() as signals:
@@ -1393,7 +1268,7 @@ def train(args, checkpoint=None):
             outcome = {"exit_code": 1, "message": str(error), "save": False}
         finally:
             workers.stop()
-            saved = outcome["save"] and save()
+            saved = outcome["save"] and save(final=True)
             monitor.progress(global_step(), force=True)
             monitor.close()
     return {**monitor.summary(global_step()), **outcome, "saved": saved}
@@ -1419,10 +1294,10 @@ def evaluate(args, checkpoint):
     returns, steps, start = [], 0, time.perf_counter()
     for episode in range(args.episodes):
         obs, _ = env.reset(seed=args.seed + episode)
-        state, done = model.initial_state(1), False  # the core's state, carried through the episode
+        core_state, done = model.initial_core_state(1), False  # carried through the episode
         while not done:
             with torch.inference_mode():  # the most probable action: argmax, or the Gaussian's mean
-                head_out, _, state = model(torch.from_numpy(observation_batch([obs])), state)
+                head_out, _, core_state = model(torch.from_numpy(observation_batch([obs])), core_state)
             obs, _, terminated, truncated, info = env.step(model.policy.mode(head_out.numpy())[0])
             done = terminated or truncated
         returns.append(float(info["episode"]["r"]))
@@ -1470,6 +1345,9 @@ def prepare(args):
                 raise UsageError(f"checkpoint {path} was trained without --{flag.replace('_', '-')}")
             setattr(args, flag, checkpoint[flag])
         args.env, args.hidden = checkpoint["env"], checkpoint["hidden"]
+        if args.resume and checkpoint["optimizer"] is None:
+            raise UsageError(f"checkpoint {path} holds the LSTM of an older a3c.py: --eval plays it, but it cannot "
+                             f"be resumed")
         if not isinstance(checkpoint["obs_size"], int):  # frames: the stack's depth is the model's input width
             frames = checkpoint["obs_size"][0]
             if args.frame_stack is not None and args.frame_stack != frames:
