@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import csv
 import difflib
+import importlib
 import itertools
 import math
 import os
@@ -43,6 +44,12 @@ import torch.nn as nn
 
 class UsageError(Exception):
     """Bad input: reported in one line, with exit code 2, before any process is started."""
+
+
+def check(ok, message):
+    """A usage rule: broken, it is a UsageError."""
+    if not ok:
+        raise UsageError(message)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -76,66 +83,59 @@ def parse_args(argv=None):
     """Parse the command line; tests call parse_args([...]) with their own flags."""
     positive_int, positive, non_negative = number(int, 0), number(float, 0), number(float, 0, low_open=False)
     p = OneLineParser(prog="a3c.py", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
-    p.add_argument("--workers", type=positive_int, default=4, help="worker processes")
-    p.add_argument("--mode", choices=["gradient", "data"], default="gradient",
-                   help="gradient: Hogwild workers; data: workers act, one learner trains")
-    p.add_argument("--env", type=str, default=None,
-                   help="Gymnasium id: 1-D Box or uint8 image obs, Discrete or 1-D Box actions "
-                        "(default: CartPole-v1, or the checkpoint's)")
-    p.add_argument("--seed", type=number(int), default=0,
-                   help="worker i seeds its generators with seed + i, its env k with seed + i + k * workers")
-    p.add_argument("--lr", type=positive, default=2e-3, help="Adam learning rate")
-    p.add_argument("--gamma", type=number(float, 0, 1), default=0.99, help="discount factor, in (0, 1]")
-    p.add_argument("--n-steps", type=positive_int, default=10, help="steps in each env between two updates")
-    p.add_argument("--envs-per-worker", type=positive_int, default=4,
-                   help="envs each worker steps together, choosing their actions in one forward pass")
-    p.add_argument("--entropy-coef", type=non_negative, default=0.01, help="weight of the entropy bonus")
-    p.add_argument("--value-coef", type=non_negative, default=0.5, help="weight of the value loss")
-    p.add_argument("--reward-scale", type=positive, default=None,
-                   help="the critic learns the values of rewards times this, episode returns stay true "
-                        "(default: 0.1, or 1 with --normalize-reward, which has scaled them already)")
-    p.add_argument("--gae-lambda", type=number(float, 0, 1, low_open=False), default=1.0,
-                   help="GAE's lambda, in [0, 1]: 1 gives the paper's n-step returns, 0 one-step TD targets")
-    p.add_argument("--normalize-obs", action="store_true",
-                   help="normalise vector observations by running statistics that every worker shares and a "
-                        "checkpoint keeps (default: the checkpoint's)")
-    p.add_argument("--normalize-reward", action="store_true",
-                   help="divide rewards, for learning only, by a running standard deviation of the discounted "
-                        "return, shared and kept like --normalize-obs's statistics (default: the checkpoint's)")
-    p.add_argument("--log-std-init", type=number(float), default=0.0,
-                   help="Box actions: the Gaussian's log standard deviation at the start (0: sigma = 1)")
-    p.add_argument("--lstm", action="store_true",
-                   help="A3C LSTM: an LSTM between the torso and the heads, its state carried from step to step "
-                        "(default: the checkpoint's)")
-    p.add_argument("--frame-stack", type=positive_int, default=None,
-                   help="frames: how many of the last frames an observation holds (default: 4, or the checkpoint's)")
-    p.add_argument("--separate-critic", action="store_true",
-                   help="give the value head a torso of its own instead of sharing the policy's "
-                        "(default: the checkpoint's)")
-    p.add_argument("--max-grad-norm", type=positive, default=5.0, help="clip each update's gradient norm")
-    p.add_argument("--hidden", type=positive_int, default=None,
-                   help="width of the hidden layers (default: 64 for vectors, 256 for frames, or the checkpoint's)")
-    p.add_argument("--batch-buffers", type=positive_int, default=None,
-                   help="data mode: filled rollout buffers (one worker's n-steps x envs-per-worker steps each) "
-                        "per learner update (default: one per worker)")
-    p.add_argument("--max-episodes", type=positive_int, default=None, help="stop after this many episodes")
-    p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many env steps")
-    p.add_argument("--target-return", type=number(float), default=None,
-                   help="stop when the mean return of the last 100 episodes reaches it "
-                        "(default: the env's reward_threshold)")
-    p.add_argument("--log-interval", type=positive, default=2.0, help="seconds between progress lines")
-    p.add_argument("--log-csv", type=str, default=None, help="write one row per finished episode to this CSV")
-    p.add_argument("--tensorboard", type=str, default=None, metavar="DIR",
-                   help="write TensorBoard event files to DIR (needs: pip install tensorboard)")
-    p.add_argument("--save", type=str, default="a3c_model.pth", help="checkpoint written during and after training")
-    p.add_argument("--save-every", type=positive, default=60.0, help="seconds between checkpoints")
-    p.add_argument("--resume", type=str, default=None, metavar="PATH", help="continue training from a checkpoint")
-    p.add_argument("--eval", type=str, default=None, metavar="PATH",
-                   help="play --episodes greedy episodes with a checkpoint's policy instead of training")
-    p.add_argument("--episodes", type=positive_int, default=10, help="episodes to play with --eval")
-    p.add_argument("--render", action="store_true", help="with --eval: show the env in a window")
-    p.add_argument("--video", type=str, default=None, metavar="DIR",
-                   help="with --eval: write one MP4 per episode to DIR (needs: pip install moviepy)")
+    add = p.add_argument
+    add("--workers", type=positive_int, default=4, help="worker processes")
+    add("--mode", choices=["gradient", "data"], default="gradient",
+        help="gradient: Hogwild workers; data: workers act, one learner trains")
+    add("--env", type=str, default=None, help="Gymnasium id: 1-D Box or uint8 image obs, Discrete or 1-D Box "
+        "actions (default: CartPole-v1, or the checkpoint's)")
+    add("--seed", type=number(int), default=0,
+        help="worker i seeds its generators with seed + i, its env k with seed + i + k * workers")
+    add("--lr", type=positive, default=2e-3, help="Adam learning rate")
+    add("--gamma", type=number(float, 0, 1), default=0.99, help="discount factor, in (0, 1]")
+    add("--n-steps", type=positive_int, default=10, help="steps in each env between two updates")
+    add("--envs-per-worker", type=positive_int, default=4,
+        help="envs each worker steps together, choosing their actions in one forward pass")
+    add("--entropy-coef", type=non_negative, default=0.01, help="weight of the entropy bonus")
+    add("--value-coef", type=non_negative, default=0.5, help="weight of the value loss")
+    add("--reward-scale", type=positive, default=None, help="the critic learns the values of rewards times this, "
+        "episode returns stay true (default: 0.1, or 1 with --normalize-reward, which has scaled them already)")
+    add("--gae-lambda", type=number(float, 0, 1, low_open=False), default=1.0,
+        help="GAE's lambda, in [0, 1]: 1 gives the paper's n-step returns, 0 one-step TD targets")
+    add("--normalize-obs", action="store_true", help="normalise vector observations by running statistics that "
+        "every worker shares and a checkpoint keeps (default: the checkpoint's)")
+    add("--normalize-reward", action="store_true", help="divide rewards, for learning only, by a running standard "
+        "deviation of the discounted return, shared and kept like --normalize-obs's (default: the checkpoint's)")
+    add("--log-std-init", type=number(float), default=0.0,
+        help="Box actions: the Gaussian's log standard deviation at the start (0: sigma = 1)")
+    add("--lstm", action="store_true", help="A3C LSTM: an LSTM between the torso and the heads, its state carried "
+        "from step to step (default: the checkpoint's)")
+    add("--frame-stack", type=positive_int, default=None,
+        help="frames: how many of the last frames an observation holds (default: 4, or the checkpoint's)")
+    add("--separate-critic", action="store_true", help="give the value head a torso of its own instead of "
+        "sharing the policy's (default: the checkpoint's)")
+    add("--max-grad-norm", type=positive, default=5.0, help="clip each update's gradient norm")
+    add("--hidden", type=positive_int, default=None,
+        help="width of the hidden layers (default: 64 for vectors, 256 for frames, or the checkpoint's)")
+    add("--batch-buffers", type=positive_int, default=None, help="data mode: filled rollout buffers (one worker's "
+        "n-steps x envs-per-worker steps each) per learner update (default: one per worker)")
+    add("--max-episodes", type=positive_int, default=None, help="stop after this many episodes")
+    add("--max-steps", type=positive_int, default=None, help="stop after this many env steps")
+    add("--target-return", type=number(float), default=None, help="stop when the mean return of the last 100 "
+        "episodes reaches it (default: the env's reward_threshold)")
+    add("--log-interval", type=positive, default=2.0, help="seconds between progress lines")
+    add("--log-csv", type=str, default=None, help="write one row per finished episode to this CSV")
+    add("--tensorboard", type=str, default=None, metavar="DIR",
+        help="write TensorBoard event files to DIR (needs: pip install tensorboard)")
+    add("--save", type=str, default="a3c_model.pth", help="checkpoint written during and after training")
+    add("--save-every", type=positive, default=60.0, help="seconds between checkpoints")
+    add("--resume", type=str, default=None, metavar="PATH", help="continue training from a checkpoint")
+    add("--eval", type=str, default=None, metavar="PATH",
+        help="play --episodes greedy episodes with a checkpoint's policy instead of training")
+    add("--episodes", type=positive_int, default=10, help="episodes to play with --eval")
+    add("--render", action="store_true", help="with --eval: show the env in a window")
+    add("--video", type=str, default=None, metavar="DIR",
+        help="with --eval: write one MP4 per episode to DIR (needs: pip install moviepy)")
     return p.parse_args(argv)
 
 
@@ -234,148 +234,13 @@ def model_shape(env):
             "n_actions": space.shape[0] if continuous else int(space.n)}
 
 
-# --- 3. Network ------------------------------------------------------------------------------------
-
-def categorical_log_prob_entropy(logits, actions):
-    """log pi(a_t|s_t) [T] and the entropy of pi(.|s_t) [T] of a softmax policy: logits [T, A], actions [T]."""
-    log_probs = torch.log_softmax(logits, dim=-1)  # [T, A]
-    entropy = -(log_probs.exp() * log_probs).sum(-1)
-    return log_probs.gather(1, actions.unsqueeze(1)).squeeze(1), entropy
-
-
-def gaussian_log_prob_entropy(mean, log_std, actions):
-    """log pi(a_t|s_t) [T] and the entropy [T] of a diagonal Gaussian: mean [T, D], log_std [D], actions [T, D].
-
-    Per dimension log N(a; mu, sigma) = -(a - mu)^2 / (2 sigma^2) - log sigma - log(2 pi) / 2 and
-    H = log sigma + (1 + log(2 pi)) / 2; the dimensions are independent, so both sum over them.
-    """
-    log_probs = -0.5 * ((actions - mean) / log_std.exp()).pow(2) - log_std - 0.5 * math.log(2 * math.pi)
-    entropy = (log_std + 0.5 * (1 + math.log(2 * math.pi))).sum(-1).expand(mean.shape[0])
-    return log_probs.sum(-1), entropy
-
-
-class CategoricalHead(nn.Module):
-    """Discrete actions: one logit per action, pi(.|s) = softmax(logits)."""
-    action_dtype = np.int64
-
-    def __init__(self, hidden, n_actions):
-        super().__init__()
-        self.out = nn.Linear(hidden, n_actions)
-        self.action_shape = ()
-
-    def forward(self, h):
-        return self.out(h)  # [B, A] logits
-
-    def log_prob_entropy(self, logits, actions):
-        return categorical_log_prob_entropy(logits, actions)
-
-    def sample(self, logits, rng):
-        # Gumbel-max: argmax(logits + Gumbel noise) is an exact sample of softmax(logits), and cheaper than
-        # torch's samplers on a few rows
-        return np.argmax(logits + rng.gumbel(size=logits.shape), axis=1)  # [K]
-
-    def mode(self, logits):
-        return np.argmax(logits, axis=1)
-
-
-class GaussianHead(nn.Module):
-    """Box actions, scaled to [-1, 1] by make_env: a ~ N(mean(s), sigma^2) in each dimension.
-
-    The mean is tanh-bounded inside the box: outside it every sample clips to the same action, and the
-    gradient no longer says which way to go. log sigma is one free parameter per dimension, trained by every
-    sample (the paper learns it per state; a rarely visited state could then collapse it).
-    """
-    action_dtype = np.float32
-
-    def __init__(self, hidden, action_dims, log_std_init=0.0):
-        super().__init__()
-        self.out = nn.Linear(hidden, action_dims)
-        self.log_std = nn.Parameter(torch.full((action_dims,), float(log_std_init)))
-        self.action_shape = (action_dims,)
-
-    def forward(self, h):
-        return torch.tanh(self.out(h))  # [B, D] means, inside the box
-
-    def log_prob_entropy(self, mean, actions):
-        return gaussian_log_prob_entropy(mean, self.log_std, actions)
-
-    def sample(self, mean, rng):
-        std = np.exp(self.log_std.detach().numpy())  # [D]
-        return (mean + std * rng.standard_normal(mean.shape)).astype(np.float32)  # [K, D], not clipped
-
-    def mode(self, mean):
-        return mean
-
-
-class ConvTorso(nn.Module):
-    """Stacked uint8 frames [B, C, H, W] -> features [B, hidden], by the A3C paper's feed-forward network
-    (16 8x8 filters of stride 4, 32 4x4 of stride 2, one fully connected layer): cheap enough for a CPU."""
-
-    def __init__(self, frames_shape, hidden):
-        super().__init__()
-        self.convs = nn.Sequential(nn.Conv2d(frames_shape[0], 16, 8, stride=4), nn.ReLU(),
-                                   nn.Conv2d(16, 32, 4, stride=2), nn.ReLU(), nn.Flatten())
-        with torch.no_grad():
-            flat = self.convs(torch.zeros(1, *frames_shape)).shape[1]
-        self.fc = nn.Linear(flat, hidden)
-
-    def forward(self, frames):
-        frames = frames.contiguous(memory_format=torch.channels_last)  # uint8 until the division below
-        return torch.relu(self.fc(self.convs(frames.float() / 255)))
-
-
-class NoCore(nn.Module):
-    """The feed-forward agent's core: features pass through, and its core state has size 0."""
-    state_size = 0
-
-    def forward(self, features, core_state, lengths=None):
-        return features, core_state
-
-
-class LSTMCore(nn.Module):
-    """--lstm: torch's LSTM cell between the torso and the heads, as in the paper's A3C LSTM.
-
-    The heads read the torso's features plus h, a skip around the cell: at the start h mixes the present
-    evenly with the past, and without the skip the agent must first learn to see the current frame.
-    The core state is h and c side by side, [n, 2 * hidden]. nn.LSTMCell rather than nn.LSTM, whose CPU
-    kernel takes several times longer for the one step of a few envs that acting asks of it.
-    """
-
-    def __init__(self, hidden):
-        super().__init__()
-        self.cell = nn.LSTMCell(hidden, hidden)
-        self.state_size = 2 * hidden
-        for name, weights in self.cell.named_parameters():
-            nn.init.orthogonal_(weights) if name.startswith("weight") else nn.init.zeros_(weights)
-
-    def forward(self, features, core_state, lengths=None):
-        """features [N, hidden] of n sequences laid end to end, lengths [n] (None: N sequences of one step),
-        core_state [n, 2 * hidden] before each -> (features + h [N, hidden], core_state after each)."""
-        h, c = core_state.chunk(2, dim=1)
-        if lengths is None:  # acting: one step of each env
-            h, c = self.cell(features, (h, c))
-            return features + h, torch.cat([h, c], dim=1)
-        # learning: step t of every sequence at once; a sequence that has ended keeps its last state
-        lengths = torch.as_tensor(lengths)
-        valid = torch.arange(int(lengths.max())) < lengths[:, None]  # [n, T]: sequence i has a step t
-        steps = features.new_zeros(*valid.shape, features.shape[1])
-        steps[valid] = features
-        outputs = []
-        for t in range(valid.shape[1]):
-            h_next, c_next = self.cell(steps[:, t], (h, c))
-            going = valid[:, t:t + 1]
-            h, c = torch.where(going, h_next, h), torch.where(going, c_next, c)
-            outputs.append(h)
-        return features + torch.stack(outputs, 1)[valid], torch.cat([h, c], dim=1)
-
-
 class RunningMeanStd(nn.Module):
-    """The mean and variance of everything seen so far, per dimension (--normalize-obs, --normalize-reward).
+    """The mean and variance of everything the envs have shown, per dimension: --normalize-obs normalises the
+    observations by them, --normalize-reward scales the rewards by the discounted return's.
 
-    Buffers, so that they live where the weights do: shared by every worker once the model is shared, and
-    in state_dict. Workers update them without a lock, as Hogwild writes the weights: two updates at once
-    may lose one, which costs a running estimate a few samples, where a lock held by a killed worker would
-    hang the others.
+    Buffers, so that they live where ActorCritic's weights do: shared by every worker once the model is shared,
+    and in state_dict. Workers update them without a lock, as Hogwild writes the weights: two updates at once
+    may lose one, a few samples of a running estimate, where a lock held by a killed worker would hang the rest.
     """
 
     def __init__(self, shape=()):
@@ -403,18 +268,130 @@ class RunningMeanStd(nn.Module):
         return ((x - self.mean.float()) / self.std()).clamp(-clip, clip)
 
 
+# --- 3. Network ------------------------------------------------------------------------------------
+
+class CategoricalHead(nn.Module):
+    """Discrete actions: one logit per action, pi(.|s) = softmax(logits)."""
+    action_dtype = np.int64
+
+    def __init__(self, hidden, n_actions):
+        super().__init__()
+        self.out = nn.Linear(hidden, n_actions)
+        self.action_shape = ()
+
+    def forward(self, h):
+        return self.out(h)  # [B, A] logits
+
+    @staticmethod
+    def log_prob_entropy(logits, actions):
+        """log pi(a_t|s_t) [T] and the entropy of pi(.|s_t) [T]: logits [T, A], actions [T] int64."""
+        log_probs = torch.log_softmax(logits, dim=-1)  # [T, A]
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        return log_probs.gather(1, actions.unsqueeze(1)).squeeze(1), entropy
+
+    def sample(self, logits, rng):  # Gumbel-max: an exact sample of softmax(logits), cheaper than torch's on a few rows
+        return np.argmax(logits + rng.gumbel(size=logits.shape), axis=1)  # [K]
+
+    def mode(self, logits):
+        return np.argmax(logits, axis=1)
+
+
+class GaussianHead(nn.Module):
+    """Box actions, scaled to [-1, 1] by make_env: a ~ N(mean(s), sigma^2) in each dimension, the mean tanh-bounded
+    (outside the box every sample clips alike, and the gradient says no way to go), log sigma a free parameter."""
+    action_dtype = np.float32
+
+    def __init__(self, hidden, action_dims, log_std_init=0.0):
+        super().__init__()
+        self.out = nn.Linear(hidden, action_dims)
+        self.log_std = nn.Parameter(torch.full((action_dims,), float(log_std_init)))
+        self.action_shape = (action_dims,)
+
+    def forward(self, h):
+        return torch.tanh(self.out(h))  # [B, D] means, inside the box
+
+    def log_prob_entropy(self, mean, actions):
+        """log pi(a_t|s_t) [T] and the entropy [T]: mean [T, D], actions [T, D]. Per dimension log N(a; mu, sigma)
+        = -(a - mu)^2 / (2 sigma^2) - log sigma - log(2 pi) / 2 and H = log sigma + (1 + log(2 pi)) / 2, summed
+        over the dimensions, which are independent."""
+        log_probs = -0.5 * ((actions - mean) / self.log_std.exp()).pow(2) - self.log_std - 0.5 * math.log(2 * math.pi)
+        entropy = (self.log_std + 0.5 * (1 + math.log(2 * math.pi))).sum(-1).expand(mean.shape[0])
+        return log_probs.sum(-1), entropy
+
+    def sample(self, mean, rng):
+        std = np.exp(self.log_std.detach().numpy())  # [D]
+        return (mean + std * rng.standard_normal(mean.shape)).astype(np.float32)  # [K, D], not clipped
+
+    def mode(self, mean):
+        return mean
+
+
+class ConvTorso(nn.Module):
+    """Stacked uint8 frames [B, C, H, W] -> features [B, hidden] by the A3C paper's feed-forward network (16 8x8
+    filters of stride 4, 32 4x4 of stride 2, a fully connected layer), cheap enough for a CPU."""
+
+    def __init__(self, frames_shape, hidden):
+        super().__init__()
+        self.convs = nn.Sequential(nn.Conv2d(frames_shape[0], 16, 8, stride=4), nn.ReLU(),
+                                   nn.Conv2d(16, 32, 4, stride=2), nn.ReLU(), nn.Flatten())
+        with torch.no_grad():
+            flat = self.convs(torch.zeros(1, *frames_shape)).shape[1]
+        self.fc = nn.Linear(flat, hidden)
+
+    def forward(self, frames):
+        frames = frames.contiguous(memory_format=torch.channels_last)  # uint8 until the division below
+        return torch.relu(self.fc(self.convs(frames.float() / 255)))
+
+
+class NoCore(nn.Module):
+    """The feed-forward agent's core: features pass through, and its core state has size 0."""
+    state_size = 0
+
+    def forward(self, features, core_state, lengths=None):
+        return features, core_state
+
+
+class LSTMCore(nn.Module):
+    """--lstm: torch's LSTM cell (nn.LSTM's CPU kernel is several times slower on one step) between the torso and
+    the heads, as in the paper's A3C LSTM. The heads read features + h, a skip around the cell: h starts as an even
+    mix of present and past, and without the skip the agent must first learn to see the current frame."""
+
+    def __init__(self, hidden):
+        super().__init__()
+        self.cell = nn.LSTMCell(hidden, hidden)
+        self.state_size = 2 * hidden
+        for name, weights in self.cell.named_parameters():
+            nn.init.orthogonal_(weights) if name.startswith("weight") else nn.init.zeros_(weights)
+
+    def forward(self, features, core_state, lengths=None):
+        """features [N, hidden] of n sequences laid end to end, lengths [n] (None: N sequences of one step),
+        core_state [n, 2 * hidden] before each -> (features + h [N, hidden], core_state after each)."""
+        h, c = core_state.chunk(2, dim=1)
+        if lengths is None:  # acting: one step of each env
+            h, c = self.cell(features, (h, c))
+            return features + h, torch.cat([h, c], dim=1)
+        lengths = torch.as_tensor(lengths)  # learning: step t of every sequence at once
+        valid = torch.arange(int(lengths.max())) < lengths[:, None]  # [n, T]: sequence i has a step t
+        steps = features.new_zeros(*valid.shape, features.shape[1])
+        steps[valid] = features
+        outputs = []
+        for t in range(valid.shape[1]):
+            h_next, c_next = self.cell(steps[:, t], (h, c))
+            going = valid[:, t:t + 1]  # a sequence that has ended keeps its last state
+            h, c = torch.where(going, h_next, h), torch.where(going, c_next, c)
+            outputs.append(h)
+        return features + torch.stack(outputs, 1)[valid], torch.cat([h, c], dim=1)
+
+
 MODEL_FLAGS = ("normalize_obs", "normalize_reward", "separate_critic", "lstm")  # on/off flags that shape the model
 
 
 class ActorCritic(nn.Module):
-    """A torso, a core, a policy head and a value head V(s).
+    """A torso, a core, a policy head and a value head V(s); the running statistics, part of the trained agent.
 
-    The file's three choices are made here and nowhere else: the observation picks the torso (two tanh
-    layers for a vector, ConvTorso for frames), lstm picks the core (NoCore or LSTMCore), the action space
-    picks the policy head (CategoricalHead or GaussianHead). Everything after goes through the head's
-    sample, mode and log_prob_entropy, and passes the core state along whatever its size. normalize_obs and
-    normalize_reward keep running statistics here, as part of the trained agent; separate_critic gives the
-    value head a torso of its own, so that the value loss does not pull on the policy's features.
+    The file's three choices are made here and nowhere else: the observation picks the torso (two tanh layers
+    for a vector, ConvTorso for frames), lstm the core, the action space the policy head. Everything after
+    calls the head's sample, mode and log_prob_entropy and passes the core state along, whatever its size.
     """
 
     def __init__(self, obs_size, n_actions, hidden=64, continuous=False, normalize_obs=False,
@@ -432,12 +409,12 @@ class ActorCritic(nn.Module):
                 return nn.Sequential(nn.Linear(obs_size, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh())
             return ConvTorso(obs_size, hidden)
         self.torso = torso()
-        self.critic_torso = torso() if separate_critic else None
+        self.critic_torso = torso() if separate_critic else None  # the value loss then cannot pull on the policy's
         self.core = LSTMCore(hidden) if lstm else NoCore()
-        self.policy = GaussianHead(hidden, n_actions, log_std_init) if continuous else CategoricalHead(hidden, n_actions)
+        self.policy = (GaussianHead(hidden, n_actions, log_std_init) if continuous
+                       else CategoricalHead(hidden, n_actions))
         self.value = nn.Linear(hidden, 1)
-        # Orthogonal init; a tiny policy layer starts the policy near uniform (the Gaussian near mean 0), and a
-        # unit-scale value head lets V(s) reach the scale of the returns quickly.
+        # Orthogonal init: a tiny policy layer starts near uniform (or mean 0), a unit-scale value head near returns
         torsos = [(layer, math.sqrt(2)) for part in (self.torso, self.critic_torso) if part is not None
                   for layer in part.modules() if isinstance(layer, (nn.Linear, nn.Conv2d))]
         for layer, gain in torsos + [(self.policy.out, 0.01), (self.value, 1.0)]:
@@ -447,8 +424,8 @@ class ActorCritic(nn.Module):
 
     def forward(self, obs, core_state=None, lengths=None):
         """obs [N, obs_size] float32 or [N, C, H, W] uint8: n sequences of steps laid end to end, lengths [n]
-        (None: N sequences of one step, one per env), core_state [n, state_size] before each (None: zero)
-        -> (policy head output [N, n_actions], V(s) [N], core_state after each sequence [n, state_size])."""
+        (None: N sequences of one step), core_state [n, state_size] before each (None: zero) -> (policy head
+        output [N, n_actions], V(s) [N], core_state after each sequence [n, state_size])."""
         if self.obs_stats is not None:
             obs = self.obs_stats.normalize(obs)
         if core_state is None:
@@ -458,27 +435,17 @@ class ActorCritic(nn.Module):
         return self.policy(h), self.value(h_critic).squeeze(-1), core_state
 
     def initial_core_state(self, n):
-        """The core state at an episode's start, for n envs: zero [n, state_size]."""
-        return torch.zeros(n, self.core.state_size)
+        return torch.zeros(n, self.core.state_size)  # [n, state_size]: an episode starts from zero
 
     def reward_scale(self):
-        """What rewards are multiplied by before the critic learns from them: with normalize_reward, 1 / the
-        running standard deviation of the discounted return (VecNormalize's rule), else 1."""
+        """The factor on rewards for the critic: 1 / the discounted return's running std (VecNormalize's rule), or 1."""
         return 1.0 if self.return_stats is None else 1.0 / self.return_stats.std().item()
 
 
 def new_model(shape, args):
-    """The ActorCritic for an env's model_shape (or a checkpoint's) and the flags that shape the network."""
+    """The ActorCritic for an env's model_shape (or a checkpoint's), shaped by the flags."""
     return ActorCritic(**shape, hidden=args.hidden, log_std_init=args.log_std_init,
                        **{flag: getattr(args, flag) for flag in MODEL_FLAGS})
-
-
-def sample_actions(model, obs, core_state, rng):
-    """a_k ~ pi(.|s_k) for one step of K envs, without autograd: obs [K, obs_size], core_state [K, state_size]
-    before the step -> (actions [K, ...], core_state after the step)."""
-    with torch.inference_mode():
-        head_out, _, core_state = model(torch.from_numpy(obs), torch.from_numpy(core_state))
-        return model.policy.sample(head_out.numpy(), rng), core_state.numpy()
 
 
 # --- 4. Shared optimizer ---------------------------------------------------------------------------
@@ -486,11 +453,11 @@ def sample_actions(model, obs, core_state, rng):
 class SharedAdam(torch.optim.Adam):
     """torch.optim.Adam whose state lives in shared memory, so that every Hogwild worker updates the same moments.
 
-    Adam where the paper shares RMSProp's statistics: the same idea (one set of statistics for all workers)
-    in the optimizer torch users reach for. Its arguments are Adam's. step() is stock Adam's, which updates
-    the shared tensors in place: with one process the result equals torch.optim.Adam's to the bit.
-    To reuse it: the parameters must be CPU tensors, in shared memory (model.share_memory()); build it, and
-    load_state_dict, before the workers start; a param group added later is not shared.
+    Adam where the paper shares RMSProp's statistics: the same idea, one set of statistics for all workers, in
+    the optimizer torch users reach for. It takes Adam's arguments, and step() is stock Adam's, updating the
+    shared tensors in place: with one process it equals torch.optim.Adam to the bit. To reuse it: CPU
+    parameters in shared memory (model.share_memory()); build it, and load_state_dict, before the workers
+    start; a param group added later is not shared.
     """
 
     def __init__(self, params, *args, **kwargs):
@@ -519,11 +486,8 @@ class SharedAdam(torch.optim.Adam):
 # --- 5. Rollouts -----------------------------------------------------------------------------------
 
 class RolloutBuffer(NamedTuple):
-    """A worker's n_steps x K transitions between two updates, reused update after update.
-
-    In data mode the learner allocates them in shared memory before the workers start, so that a rollout
-    crosses the pipe as where it lies, not as its frames (as in TorchBeast's monobeast).
-    """
+    """A worker's n_steps x K transitions between two updates; in data mode in shared memory, so that only where a
+    rollout lies crosses the pipe (as in monobeast)."""
     obs: torch.Tensor         # [n_steps, K, obs_size] float32 or [n_steps, K, C, H, W] uint8: s_t
     actions: torch.Tensor     # [n_steps, K] int64 or [n_steps, K, D] float32, as sampled: a_t
     rewards: torch.Tensor     # [n_steps, K] float32: r_t
@@ -532,7 +496,6 @@ class RolloutBuffer(NamedTuple):
 
     @classmethod
     def allocate(cls, model, n_steps, n_envs, shared=False):
-        """Zeros for this model's observations and actions, in shared memory if shared."""
         frames = not isinstance(model.obs_size, int)  # frames stay uint8 (observation_batch)
         obs_shape, obs_dtype = (model.obs_size, torch.uint8) if frames else ((model.obs_size,), torch.float32)
         action_dtype = torch.from_numpy(np.empty(0, model.policy.action_dtype)).dtype
@@ -544,8 +507,8 @@ class RolloutBuffer(NamedTuple):
 
 
 class Rollout(NamedTuple):
-    """One rollout of Alg. S3: env k's steps start .. stop - 1 in a RolloutBuffer. It ends with its episode or
-    with the buffer, so only its last step can need a bootstrap; a few numbers, sent as they are in data mode."""
+    """One rollout of Alg. S3: env k's steps start .. stop - 1 in a RolloutBuffer, ended with its episode or
+    with the buffer, so that only its last step can need a bootstrap."""
     env: int
     start: int
     stop: int
@@ -554,20 +517,18 @@ class Rollout(NamedTuple):
 
 
 def collect_rollouts(envs, model, obs, core_state, buffer, rng):
-    """Act the buffer's n_steps in each of a worker's K envs, choosing their actions in one forward pass.
-
-    obs [K, ...] and core_state [K, state_size] are each env's current ones, updated in place so that they
-    carry on into the next call. An episode that ends closes its env's rollout; the env is reset and its
-    core state zeroed (the new episode must not remember the old one). The episode's last observation goes
-    to final_obs: the reset observation that follows is no bootstrap state. Returns the Rollouts.
-    """
+    """Act the buffer's n_steps in a worker's K envs, updating obs [K, ...] and core_state [K, state_size] in place.
+    An episode that ends closes its env's rollout; the env is reset and its core state zeroed (the new episode
+    must not remember the old one), and final_obs keeps the episode's last observation, not the reset one."""
     views = RolloutBuffer(*(field.numpy() for field in buffer))  # numpy writes cost less, element by element
     n_steps = len(views.obs)
     starts = [0] * len(envs)  # where each env's open rollout began
     rollouts = []
     for t in range(n_steps):
         views.obs[t], views.core_state[t] = obs, core_state
-        views.actions[t], core_state[:] = sample_actions(model, obs, core_state, rng)
+        with torch.inference_mode():  # a_k ~ pi(.|s_k) for every env k at once
+            head_out, _, next_core_state = model(torch.from_numpy(obs), torch.from_numpy(core_state))
+        views.actions[t], core_state[:] = model.policy.sample(head_out.numpy(), rng), next_core_state.numpy()
         for k, env in enumerate(envs):
             next_obs, views.rewards[t, k], terminated, truncated, info = env.step(views.actions[t, k])
             if terminated or truncated:
@@ -587,8 +548,8 @@ def collect_rollouts(envs, model, obs, core_state, buffer, rng):
 # --- 6. Returns and loss ---------------------------------------------------------------------------
 
 def n_step_returns(rewards, bootstrap_value, gamma):
-    """Alg. S3's returns: R = bootstrap_value (0 if s_T is terminal, else V(s_T)), then R <- r_t + gamma R for
-    t = T - 1 .. 0. rewards [T] -> R_t [T] float32."""
+    """Alg. S3: R = bootstrap_value (0 if s_T is terminal, else V(s_T)); R <- r_t + gamma R for t = T - 1 .. 0.
+    rewards [T] -> R_t [T] float32."""
     returns, R = [0.0] * len(rewards), float(bootstrap_value)
     for t in reversed(range(len(rewards))):
         R = float(rewards[t]) + gamma * R
@@ -598,8 +559,7 @@ def n_step_returns(rewards, bootstrap_value, gamma):
 
 def gae_advantages(rewards, values, bootstrap_value, gamma, lam):
     """GAE (Schulman et al. 2016): delta_t = r_t + gamma V(s_{t+1}) - V(s_t), A_t = delta_t + gamma lam A_{t+1},
-    with V(s_T) = bootstrap_value. rewards [T], values [T] = V(s_t) -> A_t [T] float32; lam = 1 gives
-    R_t - V(s_t) of the n-step returns, lam = 0 the one-step TD error."""
+    with V(s_T) = bootstrap_value. rewards [T], values [T] -> A_t [T] float32 (lam = 1: R_t - V(s_t))."""
     next_values = [float(v) for v in values[1:]] + [float(bootstrap_value)]  # V(s_{t+1})
     advantages, A = [0.0] * len(rewards), 0.0
     for t in reversed(range(len(rewards))):
@@ -609,21 +569,10 @@ def gae_advantages(rewards, values, bootstrap_value, gamma, lam):
     return torch.tensor(advantages, dtype=torch.float32)
 
 
-def value_targets(rewards, values, bootstrap_value, gamma, lam):
-    """R_t, what V(s_t) learns, R_t - V(s_t) being the advantage: the paper's n-step returns for lam = 1,
-    GAE's A_t + V(s_t) otherwise. rewards [T], values [T] (no gradient) -> [T] float32."""
-    if lam == 1:
-        return n_step_returns(rewards, bootstrap_value, gamma)
-    return gae_advantages(rewards, values, bootstrap_value, gamma, lam) + torch.as_tensor(values, dtype=torch.float32)
-
-
 def a3c_loss(log_probs, entropy, values, returns, value_coef, entropy_coef):
-    """Alg. S3's loss: -log pi(a_t|s_t) A_t + value_coef (R_t - V(s_t))^2 / 2 - entropy_coef H(pi(.|s_t)).
-
-    A_t = R_t - V(s_t) is detached, so that the policy term does not train the critic. Averaged over the T
-    steps where Alg. S3 sums, so that the right learning rate does not depend on the batch's size.
-    Args [T] each. Returns the loss and its three terms as floats.
-    """
+    """Alg. S3's loss, -log pi(a_t|s_t) A_t + value_coef (R_t - V(s_t))^2 / 2 - entropy_coef H(pi(.|s_t)), with
+    A_t = R_t - V(s_t) detached so that the policy term does not train the critic; a mean where Alg. S3 sums, so
+    that the right learning rate does not depend on the batch's size. Args [T] each -> loss, its terms (floats)."""
     T = log_probs.shape[0]
     assert log_probs.shape == entropy.shape == values.shape == returns.shape == (T,)
     advantages = (returns - values).detach()  # [T]
@@ -635,19 +584,15 @@ def a3c_loss(log_probs, entropy, values, returns, value_coef, entropy_coef):
 
 
 def explained_variance(values, returns):
-    """1 - Var(R - V) / Var(R) over a batch [T], [T]: 1 when V predicts the returns, 0 when no better than
-    their mean; nan when the returns do not vary."""
+    """1 - Var(R - V) / Var(R) of a batch [T]: 1 if V predicts R, 0 if no better than R's mean, nan if R is constant."""
     variance = returns.var(correction=0).item()
     return math.nan if variance == 0 else 1 - (returns - values).var(correction=0).item() / variance
 
 
 def replay(model, rollouts):
-    """The learning pass over rollouts [(RolloutBuffer, Rollout), ...] laid end to end, under the current weights.
-
-    Each rollout starts from the core state its worker had: data, so no gradient reaches the rollout before
-    (truncated backpropagation through time). V(s_T) comes from a forward pass of its own, without gradient:
-    it is part of the critic's target. Returns head outputs [N, ...], V(s_t) [N], V(s_T) [n].
-    """
+    """The learning pass over rollouts [(RolloutBuffer, Rollout), ...] laid end to end, each from the core state its
+    worker had (data: truncated backpropagation through time) -> head outputs [N, ...], V(s_t) [N], V(s_T) [n]
+    (a pass of its own, without gradient: it is part of the target)."""
     obs = torch.cat([buffer.obs[r.start:r.stop, r.env] for buffer, r in rollouts])
     core_states = torch.stack([buffer.core_state[r.start, r.env] for buffer, r in rollouts])
     head_out, values, final_core_states = model(obs, core_states, [r.stop - r.start for _, r in rollouts])
@@ -658,22 +603,21 @@ def replay(model, rollouts):
 
 
 def rollout_loss(model, batch, gamma, value_coef, entropy_coef, reward_scale=1.0, gae_lambda=1.0):
-    """The loss both modes train with: a3c_loss of a batch [(RolloutBuffer, [Rollout, ...]), ...].
-
-    The critic learns the values of rewards * reward_scale * model.reward_scale(): one positive factor
-    leaves the best policy alone, but sets the size of the value loss against the other two terms.
-    Returns the loss and its statistics (floats).
-    """
+    """The loss both modes train with: a3c_loss of a batch [(RolloutBuffer, [Rollout, ...]), ...], and its statistics.
+    The critic learns the values of scaled rewards: that keeps the best policy and sets the value loss's weight."""
     rollouts = [(buffer, r) for buffer, buffer_rollouts in batch for r in buffer_rollouts]
     head_out, values, final_values = replay(model, rollouts)
     scale = reward_scale * model.reward_scale()
     returns, start = [], 0
     for (buffer, r), final_value in zip(rollouts, final_values.tolist()):
-        end = start + r.stop - r.start  # this rollout's steps in values
         rewards = (buffer.rewards[r.start:r.stop, r.env] * scale).tolist()
+        v = values[start:start + len(rewards)]  # this rollout's V(s_t)
         bootstrap = 0.0 if r.terminated else final_value  # nothing follows a terminal state
-        returns.append(value_targets(rewards, values[start:end].tolist(), bootstrap, gamma, gae_lambda))
-        start = end
+        if gae_lambda == 1:  # the paper's n-step returns R_t
+            returns.append(n_step_returns(rewards, bootstrap, gamma))
+        else:  # GAE's R_t = A_t + V(s_t)
+            returns.append(gae_advantages(rewards, v.tolist(), bootstrap, gamma, gae_lambda) + v.detach())
+        start += len(rewards)
     returns = torch.cat(returns)
     actions = torch.cat([buffer.actions[r.start:r.stop, r.env] for buffer, r in rollouts])
     log_probs, entropy = model.policy.log_prob_entropy(head_out, actions)
@@ -688,11 +632,9 @@ def check_finite(loss):
 
 
 # --- 7. Workers ------------------------------------------------------------------------------------
-# A worker is a generator: it yields (env steps taken, message for the main process or None) as it goes, and
-# section 9 runs it in a process until training stops. A mode is what train() needs of one way of training,
-# four members: worker (the generator), worker_args(rank) (what the worker takes after rank and args),
-# receive(message, monitor, steps) (the main process's part, message by message) and optimizer (which a
-# checkpoint saves). Hogwild is gradient mode's, Learner (section 8) data mode's.
+# A worker is a generator of (env steps taken, message for the main process or None); section 9 runs it in a
+# process until training stops. A mode (Hogwild, Learner) is what train() needs of one way to train: worker,
+# worker_args(rank) (what it takes after rank and args), receive(message, monitor, steps) and optimizer.
 
 def sync_model(local_model, shared_model):
     """Copy the shared weights, and running statistics if any, into the local model in place."""
@@ -703,13 +645,9 @@ def sync_model(local_model, shared_model):
 
 
 def hogwild_update(local_model, shared_model, optimizer, loss, max_grad_norm):
-    """Backpropagate into the local model and apply that gradient to the shared model, without a lock.
-
-    Workers then overwrite each other's updates now and then, which Hogwild (Recht et al. 2011) shows costs
-    little and is how the paper ran A3C. The local gradients are cleared and handed over on every update:
-    zero_grad() sets them to None, so aliasing them once would leave them summing. Returns the norm before
-    clipping.
-    """
+    """Apply the local model's gradient to the shared one, without a lock (Hogwild: overwriting each other's updates
+    now and then costs little), handed over on every update: zero_grad() sets it to None, so aliased once, it
+    would sum across updates. Returns the norm before clipping."""
     local_model.zero_grad()
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(local_model.parameters(), max_grad_norm)
@@ -720,20 +658,16 @@ def hogwild_update(local_model, shared_model, optimizer, loss, max_grad_norm):
 
 
 def update_statistics(shared_model, buffer, rollouts, discounted, gamma):
-    """Fold a buffer's observations, and the discounted return G <- r_t + gamma G of each env (zeroed where an
-    episode ends), into the shared model's running statistics, if it keeps any. discounted [K] carries each
-    env's G from one buffer to the next."""
+    """Fold a buffer's observations, and each env's discounted return G <- r_t + gamma G (zeroed where an episode
+    ends; discounted [K] carries it to the next buffer), into the shared running statistics, if any."""
     if shared_model.obs_stats is not None:
         shared_model.obs_stats.update(buffer.obs.reshape(-1, buffer.obs.shape[-1]))
     if shared_model.return_stats is not None:
-        ended = np.zeros(buffer.rewards.shape, dtype=bool)  # [n_steps, K]
-        for r in rollouts:
-            ended[r.stop - 1, r.env] = r.episode is not None
         seen = np.empty(buffer.rewards.shape, np.float32)
         for t, rewards in enumerate(buffer.rewards.numpy()):
             discounted[:] = gamma * discounted + rewards
             seen[t] = discounted
-            discounted[ended[t]] = 0.0
+            discounted[[r.env for r in rollouts if r.stop == t + 1 and r.episode is not None]] = 0.0
         shared_model.return_stats.update(seen.reshape(-1))
 
 
@@ -749,8 +683,8 @@ def worker_setup(rank, args):
 
 
 def gradient_worker(rank, args, shared_model, optimizer):
-    """Alg. S3's actor-learner: copy the shared weights, act, compute the gradient, apply it to the shared
-    model. Yields (steps, (rank, episodes ended, the update's statistics)) after each update."""
+    """Alg. S3's actor-learner: copy the shared weights, act, compute the gradient, apply it to the shared model;
+    yields (steps, (rank, the episodes that ended, the update's statistics))."""
     envs, local_model, obs, core_state, rng = worker_setup(rank, args)
     buffer = RolloutBuffer.allocate(local_model, args.n_steps, len(envs))
     discounted = np.zeros(len(envs))
@@ -761,19 +695,17 @@ def gradient_worker(rank, args, shared_model, optimizer):
                                     args.entropy_coef, args.reward_scale, args.gae_lambda)
         check_finite(loss)
         update["grad_norm"] = hogwild_update(local_model, shared_model, optimizer, loss, args.max_grad_norm)
-        update_statistics(shared_model, buffer, rollouts, discounted, args.gamma)  # after: acted and learned alike
+        update_statistics(shared_model, buffer, rollouts, discounted, args.gamma)
         yield args.n_steps * len(envs), (rank, [r.episode for r in rollouts if r.episode is not None], update)
 
 
 class Hogwild:
-    """Gradient mode's four members: the workers learn on their own, through SharedAdam; their messages only
-    feed the monitor."""
+    """Gradient mode: the workers learn on their own, through SharedAdam; their messages feed the monitor."""
     worker = staticmethod(gradient_worker)
 
     def __init__(self, args, shared_model, ctx):
         self.shared_model = shared_model
-        # fused: one kernel updates every parameter, instead of a Python loop over them
-        self.optimizer = SharedAdam(shared_model.parameters(), lr=args.lr, fused=True)
+        self.optimizer = SharedAdam(shared_model.parameters(), lr=args.lr, fused=True)  # fused: one kernel for all
 
     def worker_args(self, rank):
         return self.shared_model, self.optimizer
@@ -786,14 +718,12 @@ class Hogwild:
 
 
 def data_worker(rank, args, shared_model, policy_version, buffers, free_buffers):
-    """Data mode's actor: with a fresh copy of the shared weights, fill one of its shared RolloutBuffers. Yields
-    (steps, (rank, which buffer, the policy version that acted, its Rollouts)) for the learner."""
+    """Data mode's actor: with a fresh copy of the shared weights, fill one of its shared RolloutBuffers.
+    Yields (steps, (rank, which buffer, the policy version that acted, its Rollouts)) for the learner."""
     envs, local_model, obs, core_state, rng = worker_setup(rank, args)
     discounted = np.zeros(len(envs))
-    for index in itertools.cycle(range(len(buffers))):  # its buffers in turn, the order the learner frees them
-        # The learner hands a buffer back (releases free_buffers) once it has learned from it, in the order they
-        # were sent. With none free the worker waits: a slow learner holds the workers back instead of letting
-        # rollouts, and policy lag, pile up. The timeout lets the process check whether to stop.
+    for index in itertools.cycle(range(len(buffers))):  # in turn, the order in which the learner frees them
+        # none free: wait, so that a slow learner holds the workers back rather than let policy lag pile up
         while not free_buffers.acquire(timeout=0.1):
             yield 0, None
         version = policy_version.value  # read first: the weights copied next are at least this new
@@ -806,12 +736,9 @@ def data_worker(rank, args, shared_model, policy_version, buffers, free_buffers)
 # --- 8. Learner (data mode) ------------------------------------------------------------------------
 
 class Learner:
-    """Data mode's four members. The learner, in the main process, is the single writer of the weights.
-
-    It owns the RolloutBuffers the workers fill (a few per worker, in shared memory), a semaphore per worker
-    counting its free buffers, the policy version the workers stamp their rollouts with, and the batch of
-    messages not learned from yet; it learns once --batch-buffers of them have come.
-    """
+    """Data mode, in the main process: the single writer of the weights. It owns the RolloutBuffers (a few per
+    worker, in shared memory), a semaphore per worker counting its free ones and the policy version, and learns
+    once --batch-buffers messages have come."""
     worker = staticmethod(data_worker)
 
     def __init__(self, args, shared_model, ctx):
@@ -819,8 +746,7 @@ class Learner:
         self.optimizer = torch.optim.Adam(shared_model.parameters(), lr=args.lr, fused=True)
         self.version = ctx.Value("q", 0, lock=False)  # written by the learner alone
         self.batch_size = args.batch_buffers or args.workers
-        # The learner holds a batch's buffers until it has learned from them: with fewer than batch_size in all,
-        # every worker could wait for one and the learner for a message. One more per worker lets it act meanwhile.
+        # a batch's buffers are held until learned from: one more per worker lets each act meanwhile
         per_worker = math.ceil(self.batch_size / args.workers) + 1
         one = sum(field.nbytes for field in RolloutBuffer.allocate(shared_model, args.n_steps, args.envs_per_worker))
         require_shared_memory(one * per_worker * args.workers)  # section 9: a usage error, before any process starts
@@ -842,11 +768,8 @@ class Learner:
             monitor.stats.add(self.learn())
 
     def learn(self):
-        """One gradient step on the batch under the current weights; then its buffers go back to the workers.
-
-        A3C has no off-policy correction: the actions were sampled by weights a few updates old (the policy
-        lag), and the gradient treats them as on-policy. IMPALA's V-trace is the fix for large lags.
-        """
+        """One gradient step on the batch under the current weights; then its buffers go back to the workers. No
+        off-policy correction: actions from weights a few updates old count as on-policy (V-trace would fix it)."""
         args = self.args
         batch = [(self.buffers[rank][index], rollouts) for rank, index, _, rollouts in self.batch]
         loss, update = rollout_loss(self.shared_model, batch, args.gamma, args.value_coef, args.entropy_coef,
@@ -867,23 +790,18 @@ class Learner:
 # --- 9. Processes: start, signals, liveness, stop -------------------------------------------------
 
 def start_method():
-    """fork on Linux, spawn elsewhere, chosen explicitly (Python 3.14 made forkserver Linux's default).
-
-    fork starts a worker with torch already imported, where spawn imports it again in every worker; it is
-    safe because the main process has no thread yet when the workers start (TensorBoard's comes after).
-    """
+    """fork on Linux (a worker starts with torch imported; safe, as the main process has no thread yet when the
+    workers start), spawn elsewhere: chosen explicitly, since Python 3.14 made forkserver Linux's default."""
     return mp.get_context("fork" if sys.platform == "linux" else "spawn")
 
 
 def keep_freed_memory():
     """Ask glibc to keep the memory torch frees for reuse: each update allocates and frees the same large
     temporaries, which glibc would otherwise unmap and map again as fresh zeroed pages. Linux only."""
-    try:
+    with contextlib.suppress(OSError):
         libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MB come from the heap,
-    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: and up to 1 GB of freed heap stays with the process
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MB come from the heap,
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: and up to 1 GB of freed heap stays with the process
 
 
 SHARED_MEMORY = "/dev/shm"  # where torch's shared tensors live on Linux
@@ -891,33 +809,28 @@ SHARED_MEMORY = "/dev/shm"  # where torch's shared tensors live on Linux
 
 def shared_memory_free():
     """Bytes free in SHARED_MEMORY, or None where there is no such file system (not Linux)."""
-    try:
+    with contextlib.suppress(OSError):
         stat = os.statvfs(SHARED_MEMORY)
-    except OSError:
-        return None
-    return stat.f_bavail * stat.f_frsize
+        return stat.f_bavail * stat.f_frsize
+    return None
 
 
 def require_shared_memory(needed):
     """Refuse rollout buffers the shared-memory file system cannot hold, before any process starts: torch
     would fail halfway with a traceback. A container's is often small (Docker's default: 64 MB)."""
     free = shared_memory_free()
-    if free is not None and needed > free:
-        raise UsageError(f"data mode's rollout buffers need {needed / 2**20:.1f} MiB of shared memory and "
-                         f"{SHARED_MEMORY} has {free / 2**20:.1f} MiB free: lower --workers, --envs-per-worker "
-                         f"or --n-steps, or enlarge {SHARED_MEMORY} (docker run --shm-size)")
+    check(free is None or needed <= free, f"data mode's rollout buffers need {needed / 2**20:.1f} MiB of shared "
+          f"memory and {SHARED_MEMORY} has {(free or 0) / 2**20:.1f} MiB free: lower --workers, --envs-per-worker "
+          f"or --n-steps, or enlarge {SHARED_MEMORY} (docker run --shm-size)")
 
 
 DIVERGED = 3  # a worker's exit code when its loss stopped being finite
 
 
 def worker_process(rank, worker, args, worker_args, worker_steps, messages, stop_event, parent_pid):
-    """What every worker process runs: a mode's worker generator, until the stop event or its parent's death.
-
-    It adds the env steps the worker reports to its counter and puts its messages on the queue. One thread
-    (two cores: a worker that spawns threads slows the others down); signals are the main process's to act
-    on; exit code DIVERGED with one line for a non-finite loss, 1 and the traceback for any other error.
-    """
+    """Every worker process: a mode's worker generator, its steps counted and its messages queued, until the stop
+    event or its parent's death. One thread (threads of one worker slow the others down); signals left to the
+    main process; exit code DIVERGED with one line for a non-finite loss, 1 and the traceback for other errors."""
     torch.set_num_threads(1)
     keep_freed_memory()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the main process decides
@@ -941,8 +854,7 @@ def worker_process(rank, worker, args, worker_args, worker_steps, messages, stop
 
 
 class Stop(Exception):
-    """Raised in the main process to end training early, with the exit code main() returns; save=False when
-    training diverged, so that the last checkpoint written stays the last good one."""
+    """Ends training early, with main()'s exit code; save=False after divergence keeps the last good checkpoint."""
 
     def __init__(self, message, exit_code, save=True):
         super().__init__(message)
@@ -950,12 +862,9 @@ class Stop(Exception):
 
 
 class StopSignals:
-    """SIGINT and SIGTERM while training: the handler only notes the signal, and the loop acts on it (check).
-
-    A handler that raised at once would raise wherever the main process is, in data mode often halfway
-    through reading a message, which would then break the clean-up that drains the queue. The loop comes
-    round at least every 0.1 s; a second signal during the clean-up is noted too, and cannot cut it short.
-    """
+    """SIGINT and SIGTERM while training: the handler only notes the signal and the loop acts on it (check), at
+    least every 0.1 s. Raised at once, it could land halfway through reading a message and break the clean-up
+    that drains the queue; a second signal during the clean-up is noted too, and cannot cut it short."""
 
     def __enter__(self):
         self.received = None
@@ -1055,9 +964,7 @@ class CheckpointError(Exception):
 
 def save_checkpoint(path, model, optimizer, args, steps, episodes, recent_returns):
     """Write everything --eval and --resume need, atomically: a failed or cut write leaves the old file whole.
-
-    Returns False, writing nothing, when a weight is not finite; raises CheckpointError when it cannot write.
-    """
+    Returns False, writing nothing, when a weight is not finite; raises CheckpointError when it cannot write."""
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         return False
     checkpoint = {"format": CHECKPOINT_FORMAT, "env": args.env, **model.config, "model": model.state_dict(),
@@ -1082,14 +989,13 @@ def save_checkpoint(path, model, optimizer, args, steps, episodes, recent_return
 
 def load_checkpoint(path):
     """Read a checkpoint written by save_checkpoint, or raise UsageError saying what is wrong with it."""
-    if not os.path.isfile(path):
-        raise UsageError(f"checkpoint {path}: no such file")
+    check(os.path.isfile(path), f"checkpoint {path}: no such file")
     try:
         checkpoint = torch.load(path, weights_only=True)  # weights_only: loading runs no pickled code
     except Exception as e:
         raise UsageError(f"checkpoint {path}: not readable as an a3c.py checkpoint ({type(e).__name__})")
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") not in (CHECKPOINT_FORMAT, *OLDER_FORMATS):
-        raise UsageError(f"checkpoint {path}: not an a3c.py checkpoint")
+    check(isinstance(checkpoint, dict) and checkpoint.get("format") in (CHECKPOINT_FORMAT, *OLDER_FORMATS),
+          f"checkpoint {path}: not an a3c.py checkpoint")
     checkpoint = {**OLDER_FORMATS.get(checkpoint["format"], {}), **checkpoint}
     if checkpoint["format"] == "a3c.py checkpoint v4" and checkpoint["lstm"]:
         weights = {V4_LSTM.get(name, name): value for name, value in checkpoint["model"].items()}
@@ -1107,9 +1013,8 @@ def checkpoint_shape(checkpoint):
 # --- 11. Monitor and training loop -----------------------------------------------------------------
 
 class UpdateStats:
-    """Sums of per-update statistics, so that the monitor shows their means now and then, not every update.
-    Each counts its finite values only: explained variance is nan for returns that do not vary, and gradient
-    mode has no policy lag."""
+    """Sums of per-update statistics, whose means the monitor shows now and then; of finite values only (explained
+    variance is nan for constant returns, and gradient mode has no policy lag)."""
     TAGS = {"policy_loss": "update/policy_loss", "value_loss": "update/value_loss", "entropy": "update/entropy",
             "explained_variance": "update/explained_variance", "grad_norm": "update/grad_norm",
             "policy_lag": "data_mode/policy_lag"}  # each statistic's TensorBoard tag
@@ -1128,8 +1033,8 @@ class UpdateStats:
 
 
 class Monitor:
-    """Episode statistics, progress lines, the episode CSV, TensorBoard and the stop criteria, in both modes.
-    The main process is the only writer of the CSV and the event files: workers send what they measure."""
+    """Episode statistics, progress lines, the episode CSV, TensorBoard and the stop criteria, in both modes; the
+    main process alone writes the CSV and the event files."""
 
     def __init__(self, args, steps=0, episodes=0, recent_returns=()):
         self.args = args
@@ -1173,8 +1078,7 @@ class Monitor:
                 or (self.args.max_steps is not None and steps >= self.args.max_steps))
 
     def progress(self, steps, force=False):
-        """Every --log-interval seconds: one line, and one TensorBoard point per statistic, each a mean over
-        the updates since the last time (so logging costs the same whatever the update rate)."""
+        """Every --log-interval seconds, one line and one TensorBoard point per statistic: means since the last."""
         now = time.perf_counter()
         if not force and now - self.last_print < self.args.log_interval:
             return
@@ -1183,7 +1087,8 @@ class Monitor:
         line = (f"episodes={self.episodes} steps={steps} steps_per_second={(steps - self.start_steps) / elapsed:.0f} "
                 f"mean_return={self.mean_return():.1f} seconds={elapsed:.1f}")
         if "entropy" in means:  # a collapsing entropy or a critic that fits nothing shows here first
-            line += f" entropy={means['entropy']:.3f} explained_variance={means.get('explained_variance', math.nan):.2f}"
+            line += (f" entropy={means['entropy']:.3f}"
+                     f" explained_variance={means.get('explained_variance', math.nan):.2f}")
         if "policy_lag" in means:
             line += f" mean_lag={means['policy_lag']:.2f}"
         print(line, flush=True)
@@ -1209,11 +1114,8 @@ class Monitor:
 
 
 def train(args, checkpoint=None):
-    """Train until solved, a budget runs out or a stop; returns a summary dict with the exit code.
-
-    The main process runs the monitor and, in data mode, the learner, which holds the optimizer: weights and
-    optimizer state never travel back from another process, and a checkpoint is a plain save from here.
-    """
+    """Train until solved, a budget runs out or a stop; returns a summary dict with the exit code. The main process
+    runs the monitor and, in data mode, the learner: a checkpoint is a plain save from here."""
     torch.set_num_threads(1)
     keep_freed_memory()  # for the learner, in data mode
     torch.manual_seed(args.seed)
@@ -1235,8 +1137,7 @@ def train(args, checkpoint=None):
         return counters["steps"] + workers.steps()
 
     def save(final=False):
-        """A checkpoint now; one that cannot be written is one line on stderr: mid-run, training goes on and
-        the last good checkpoint stays; at the end, the run's exit code becomes 1."""
+        """One that cannot be written is a line on stderr: mid-run, training goes on; at the end, exit code 1."""
         try:
             return save_checkpoint(args.save, shared_model, mode.optimizer, args, global_step(),
                                    monitor.episodes, monitor.recent)
@@ -1316,46 +1217,49 @@ def evaluate(args, checkpoint):
 
 # --- 13. Entry point -------------------------------------------------------------------------------
 
+def need_package(module, flag, package):
+    """An optional package, imported only when its flag is used."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise UsageError(f"{flag} needs the {package} package: pip install {package}")
+
+
 def make_folder(flag, folder):
     """Create an output folder now, so that a path that cannot be one is a usage error, not a late crash."""
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
         raise UsageError(f"{flag} {folder}: cannot create it ({e.strerror})")
-    if not os.access(folder, os.W_OK):
-        raise UsageError(f"{flag} {folder}: cannot write in it")
+    check(os.access(folder, os.W_OK), f"{flag} {folder}: cannot write in it")
 
 
 def prepare(args):
-    """Check every input before a process starts and fill in the defaults that depend on the env or the
-    checkpoint (--env, --hidden, --normalize-*, --lstm, --frame-stack, --reward-scale, --target-return);
-    returns the checkpoint to load, if any."""
-    checkpoint = None
-    path = args.eval or args.resume
-    if args.eval and args.resume:
-        raise UsageError("--eval and --resume exclude each other")
+    """Check every input before a process starts, and fill in the defaults that depend on the env or the
+    checkpoint (--env, --hidden, the MODEL_FLAGS, --frame-stack, --reward-scale, --target-return); returns the
+    checkpoint to load, if any."""
+    checkpoint, path = None, args.eval or args.resume
+    check(not (args.eval and args.resume), "--eval and --resume exclude each other")
     if path:
         checkpoint = load_checkpoint(path)
-        if args.env is not None and args.env != checkpoint["env"]:
-            raise UsageError(f"checkpoint {path} was made for {checkpoint['env']}, not {args.env}")
-        if args.hidden is not None and args.hidden != checkpoint["hidden"]:
-            raise UsageError(f"checkpoint {path} has --hidden {checkpoint['hidden']}, not {args.hidden}")
+        check(args.env in (None, checkpoint["env"]),
+              f"checkpoint {path} was made for {checkpoint['env']}, not {args.env}")
+        check(args.hidden in (None, checkpoint["hidden"]),
+              f"checkpoint {path} has --hidden {checkpoint['hidden']}, not {args.hidden}")
         for flag in MODEL_FLAGS:  # the checkpoint's, which a flag cannot add to a trained model
-            if getattr(args, flag) and not checkpoint[flag]:
-                raise UsageError(f"checkpoint {path} was trained without --{flag.replace('_', '-')}")
+            check(checkpoint[flag] or not getattr(args, flag),
+                  f"checkpoint {path} was trained without --{flag.replace('_', '-')}")
             setattr(args, flag, checkpoint[flag])
         args.env, args.hidden = checkpoint["env"], checkpoint["hidden"]
-        if args.resume and checkpoint["optimizer"] is None:
-            raise UsageError(f"checkpoint {path} holds the LSTM of an older a3c.py: --eval plays it, but it cannot "
-                             f"be resumed")
+        check(not args.resume or checkpoint["optimizer"] is not None,
+              f"checkpoint {path} holds the LSTM of an older a3c.py: --eval plays it, but it cannot be resumed")
         if not isinstance(checkpoint["obs_size"], int):  # frames: the stack's depth is the model's input width
             frames = checkpoint["obs_size"][0]
-            if args.frame_stack is not None and args.frame_stack != frames:
-                raise UsageError(f"checkpoint {path} has --frame-stack {frames}, not {args.frame_stack}")
+            check(args.frame_stack in (None, frames),
+                  f"checkpoint {path} has --frame-stack {frames}, not {args.frame_stack}")
             args.frame_stack = frames
-    if args.lstm and args.separate_critic:
-        raise UsageError("--lstm and --separate-critic exclude each other: the critic's own torso would have "
-                         "no memory")
+    check(not (args.lstm and args.separate_critic),
+          "--lstm and --separate-critic exclude each other: the critic's own torso would have no memory")
     args.env = args.env or "CartPole-v1"
     frame_stack_given, args.frame_stack = args.frame_stack is not None, args.frame_stack or 4
     try:
@@ -1366,45 +1270,30 @@ def prepare(args):
         raise UsageError(f"environment {args.env!r}: {e}{hint}")
     except ValueError as e:
         raise UsageError(f"environment {e}")
-    shape, render_modes = model_shape(env), env.metadata.get("render_modes", [])
-    if args.normalize_obs and not isinstance(shape["obs_size"], int):
-        env.close()
-        raise UsageError(f"--normalize-obs: {args.env}'s observations are frames, which the network scales by 255")
-    if frame_stack_given and isinstance(shape["obs_size"], int):
-        env.close()
-        raise UsageError(f"--frame-stack: {args.env}'s observations are vectors, not frames")
-    args.hidden = args.hidden or (64 if isinstance(shape["obs_size"], int) else 256)
-    args.reward_scale = args.reward_scale or (1.0 if args.normalize_reward else 0.1)
-    if args.target_return is None:
-        args.target_return = env.spec.reward_threshold
+    shape, render_modes, threshold = model_shape(env), env.metadata.get("render_modes", []), env.spec.reward_threshold
     env.close()
-    if checkpoint is not None and shape != checkpoint_shape(checkpoint):
-        raise UsageError(f"checkpoint {path} does not fit {args.env}'s observation and action spaces")
-    if args.target_return is None and not args.eval:
-        raise UsageError(f"{args.env} has no reward_threshold: give --target-return")
+    vectors = isinstance(shape["obs_size"], int)
+    check(vectors or not args.normalize_obs,
+          f"--normalize-obs: {args.env}'s observations are frames, which the network scales by 255")
+    check(not (vectors and frame_stack_given), f"--frame-stack: {args.env}'s observations are vectors, not frames")
+    args.hidden = args.hidden or (64 if vectors else 256)
+    args.reward_scale = args.reward_scale or (1.0 if args.normalize_reward else 0.1)
+    args.target_return = threshold if args.target_return is None else args.target_return
+    check(checkpoint is None or shape == checkpoint_shape(checkpoint),
+          f"checkpoint {path} does not fit {args.env}'s observation and action spaces")
+    check(args.target_return is not None or args.eval, f"{args.env} has no reward_threshold: give --target-return")
     if args.tensorboard is not None and not args.eval:
-        try:
-            import torch.utils.tensorboard  # noqa: F401  (optional: only this flag needs it)
-        except ImportError:
-            raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard")
+        need_package("torch.utils.tensorboard", "--tensorboard", "tensorboard")
         make_folder("--tensorboard", args.tensorboard)
     if args.video is not None:
-        if not args.eval:
-            raise UsageError("--video records --eval episodes: give --eval PATH too")
-        if args.render:
-            raise UsageError("--video and --render exclude each other")
-        if "rgb_array" not in render_modes:
-            raise UsageError(f"--video: {args.env} cannot render its screen as an image")
-        try:
-            import moviepy  # noqa: F401  (optional: gymnasium's RecordVideo needs it)
-        except ImportError:
-            raise UsageError("--video needs the moviepy package: pip install moviepy")
+        check(args.eval, "--video records --eval episodes: give --eval PATH too")
+        check(not args.render, "--video and --render exclude each other")
+        check("rgb_array" in render_modes, f"--video: {args.env} cannot render its screen as an image")
+        need_package("moviepy", "--video", "moviepy")  # gymnasium's RecordVideo needs it
         make_folder("--video", args.video)
-    if not args.eval:
-        for flag, out in [("--save", args.save), ("--log-csv", args.log_csv)]:
-            folder = os.path.dirname(os.path.abspath(out)) if out else None
-            if folder and not os.access(folder, os.W_OK):
-                raise UsageError(f"{flag} {out}: cannot write in {folder}")
+    for flag, out in [("--save", args.save), ("--log-csv", args.log_csv)]:
+        folder = os.path.dirname(os.path.abspath(out)) if out and not args.eval else None
+        check(not folder or os.access(folder, os.W_OK), f"{flag} {out}: cannot write in {folder}")
     return checkpoint
 
 
@@ -1431,9 +1320,8 @@ def main(argv=None):
 
 if __name__ == "__main__":
     exit_code = main()
-    # By now every file is closed and every worker joined. Python's own teardown would still spend most of
-    # a second freeing the modules that torch's compiler imported with the first optimizer, work that
-    # saves nothing: flush what is printed and leave at once.
+    # Every file is closed and every worker joined: skip Python's teardown, most of a second spent freeing the
+    # modules torch's compiler imported with the first optimizer
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(exit_code)
