@@ -980,9 +980,9 @@ def save_checkpoint(path, model, optimizer, args, steps, episodes, recent_return
     except BaseException as e:
         with contextlib.suppress(OSError):  # open() may have failed before creating it
             os.unlink(tmp)
-        if isinstance(e, (OSError, RuntimeError)):  # torch reports a failed write as a RuntimeError from the OSError
-            cause = e if isinstance(e, OSError) else e.__context__ if isinstance(e.__context__, OSError) else e
-            raise CheckpointError(f"cannot write checkpoint {path}: {getattr(cause, 'strerror', None) or cause}")
+        cause = e if isinstance(e, OSError) else e.__context__  # torch may raise a RuntimeError on top of it
+        if isinstance(cause, OSError):
+            raise CheckpointError(f"cannot write checkpoint {path}: {cause.strerror or cause}") from None
         raise
     return True
 
