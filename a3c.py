@@ -370,12 +370,11 @@ class LSTMCore(nn.Module):
         if lengths is None:  # acting: one step of each env
             h, c = self.cell(features, (h, c))
             return features + h, torch.cat([h, c], dim=1)
-        lengths = torch.as_tensor(lengths)  # learning: step t of every sequence at once
-        valid = torch.arange(int(lengths.max())) < lengths[:, None]  # [n, T]: sequence i has a step t
+        valid = torch.arange(max(lengths)) < torch.as_tensor(lengths)[:, None]  # [n, T]: sequence i has a step t
         steps = features.new_zeros(*valid.shape, features.shape[1])
         steps[valid] = features
         outputs = []
-        for t in range(valid.shape[1]):
+        for t in range(valid.shape[1]):  # learning: step t of every sequence at once
             h_next, c_next = self.cell(steps[:, t], (h, c))
             going = valid[:, t:t + 1]  # a sequence that has ended keeps its last state
             h, c = torch.where(going, h_next, h), torch.where(going, c_next, c)
@@ -505,6 +504,9 @@ class RolloutBuffer(NamedTuple):
                      torch.zeros(n_steps, n_envs, model.core.state_size))
         return cls(*(field.share_memory_() for field in buffer)) if shared else buffer
 
+    def numpy(self):  # views: numpy writes and slices cost less, element by element
+        return RolloutBuffer(*(field.numpy() for field in self))
+
 
 class Rollout(NamedTuple):
     """One rollout of Alg. S3: env k's steps start .. stop - 1 in a RolloutBuffer, ended with its episode or
@@ -520,7 +522,7 @@ def collect_rollouts(envs, model, obs, core_state, buffer, rng):
     """Act the buffer's n_steps in a worker's K envs, updating obs [K, ...] and core_state [K, state_size] in place.
     An episode that ends closes its env's rollout; the env is reset and its core state zeroed (the new episode
     must not remember the old one), and final_obs keeps the episode's last observation, not the reset one."""
-    views = RolloutBuffer(*(field.numpy() for field in buffer))  # numpy writes cost less, element by element
+    views = buffer.numpy()
     n_steps = len(views.obs)
     starts = [0] * len(envs)  # where each env's open rollout began
     rollouts = []
@@ -573,8 +575,7 @@ def a3c_loss(log_probs, entropy, values, returns, value_coef, entropy_coef):
     """Alg. S3's loss, -log pi(a_t|s_t) A_t + value_coef (R_t - V(s_t))^2 / 2 - entropy_coef H(pi(.|s_t)), with
     A_t = R_t - V(s_t) detached so that the policy term does not train the critic; a mean where Alg. S3 sums, so
     that the right learning rate does not depend on the batch's size. Args [T] each -> loss, its terms (floats)."""
-    T = log_probs.shape[0]
-    assert log_probs.shape == entropy.shape == values.shape == returns.shape == (T,)
+    assert log_probs.dim() == 1 and log_probs.shape == entropy.shape == values.shape == returns.shape  # [T] each
     advantages = (returns - values).detach()  # [T]
     policy_loss = -(log_probs * advantages).mean()
     value_loss = 0.5 * (returns - values).pow(2).mean()
@@ -590,14 +591,14 @@ def explained_variance(values, returns):
 
 
 def replay(model, rollouts):
-    """The learning pass over rollouts [(RolloutBuffer, Rollout), ...] laid end to end, each from the core state its
+    """The learning pass over rollouts [(buffer views, Rollout), ...] laid end to end, each from the core state its
     worker had (data: truncated backpropagation through time) -> head outputs [N, ...], V(s_t) [N], V(s_T) [n]
     (a pass of its own, without gradient: it is part of the target)."""
-    obs = torch.cat([buffer.obs[r.start:r.stop, r.env] for buffer, r in rollouts])
-    core_states = torch.stack([buffer.core_state[r.start, r.env] for buffer, r in rollouts])
+    obs = torch.from_numpy(np.concatenate([buffer.obs[r.start:r.stop, r.env] for buffer, r in rollouts]))
+    core_states = torch.from_numpy(np.stack([buffer.core_state[r.start, r.env] for buffer, r in rollouts]))
     head_out, values, final_core_states = model(obs, core_states, [r.stop - r.start for _, r in rollouts])
     with torch.no_grad():
-        final_obs = torch.stack([buffer.final_obs[r.stop - 1, r.env] for buffer, r in rollouts])
+        final_obs = torch.from_numpy(np.stack([buffer.final_obs[r.stop - 1, r.env] for buffer, r in rollouts]))
         _, final_values, _ = model(final_obs, final_core_states)
     return head_out, values, final_values
 
@@ -605,21 +606,21 @@ def replay(model, rollouts):
 def rollout_loss(model, batch, gamma, value_coef, entropy_coef, reward_scale=1.0, gae_lambda=1.0):
     """The loss both modes train with: a3c_loss of a batch [(RolloutBuffer, [Rollout, ...]), ...], and its statistics.
     The critic learns the values of scaled rewards: that keeps the best policy and sets the value loss's weight."""
-    rollouts = [(buffer, r) for buffer, buffer_rollouts in batch for r in buffer_rollouts]
+    rollouts = [(buffer.numpy(), r) for buffer, buffer_rollouts in batch for r in buffer_rollouts]
     head_out, values, final_values = replay(model, rollouts)
-    scale = reward_scale * model.reward_scale()
+    scale, values_seen = reward_scale * model.reward_scale(), values.detach().numpy()
     returns, start = [], 0
     for (buffer, r), final_value in zip(rollouts, final_values.tolist()):
-        rewards = (buffer.rewards[r.start:r.stop, r.env] * scale).tolist()
-        v = values[start:start + len(rewards)]  # this rollout's V(s_t)
+        rewards = buffer.rewards[r.start:r.stop, r.env] * scale
+        v = values_seen[start:start + len(rewards)]  # this rollout's V(s_t)
         bootstrap = 0.0 if r.terminated else final_value  # nothing follows a terminal state
         if gae_lambda == 1:  # the paper's n-step returns R_t
             returns.append(n_step_returns(rewards, bootstrap, gamma))
         else:  # GAE's R_t = A_t + V(s_t)
-            returns.append(gae_advantages(rewards, v.tolist(), bootstrap, gamma, gae_lambda) + v.detach())
+            returns.append(gae_advantages(rewards, v, bootstrap, gamma, gae_lambda) + torch.from_numpy(v))
         start += len(rewards)
     returns = torch.cat(returns)
-    actions = torch.cat([buffer.actions[r.start:r.stop, r.env] for buffer, r in rollouts])
+    actions = torch.from_numpy(np.concatenate([buffer.actions[r.start:r.stop, r.env] for buffer, r in rollouts]))
     log_probs, entropy = model.policy.log_prob_entropy(head_out, actions)
     loss, stats = a3c_loss(log_probs, entropy, values, returns, value_coef, entropy_coef)
     return loss, {**stats, "explained_variance": explained_variance(values.detach(), returns)}
