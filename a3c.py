@@ -352,30 +352,38 @@ class NoCore(nn.Module):
 
 
 class LSTMCore(nn.Module):
-    """--lstm: torch's LSTM cell (nn.LSTM's CPU kernel is several times slower on one step) between the torso and
-    the heads, as in the paper's A3C LSTM. The heads read features + h, a skip around the cell: h starts as an even
-    mix of present and past, and without the skip the agent must first learn to see the current frame."""
+    """--lstm: LSTM cells between the torso and the heads (the paper's A3C LSTM), the heads reading features + h: h
+    starts as an even mix of present and past, and without the skip the agent must first learn to see the present.
+    Written out, since torch's LSTMs measured slower on Pong: here W x_t of a whole rollout is one product."""
 
     def __init__(self, hidden):
         super().__init__()
-        self.cell = nn.LSTMCell(hidden, hidden)
-        self.state_size = 2 * hidden
-        for name, weights in self.cell.named_parameters():
-            nn.init.orthogonal_(weights) if name.startswith("weight") else nn.init.zeros_(weights)
+        self.input_weights = nn.Linear(hidden, 4 * hidden)  # W x_t + b, for the gates i, f, g, o
+        self.hidden_weights = nn.Linear(hidden, 4 * hidden, bias=False)  # U h_{t-1}
+        self.state_size = 2 * hidden  # h and c side by side
+        for layer in (self.input_weights, self.hidden_weights):
+            nn.init.orthogonal_(layer.weight)
+        nn.init.zeros_(self.input_weights.bias)
+
+    def step(self, input_gates, h, c):  # c_t = sig(f) c_{t-1} + sig(i) tanh(g); h_t = sig(o) tanh(c_t)
+        i, f, g, o = (input_gates + self.hidden_weights(h)).chunk(4, dim=1)  # W x_t + b + U h_{t-1}
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
 
     def forward(self, features, core_state, lengths=None):
         """features [N, hidden] of n sequences laid end to end, lengths [n] (None: N sequences of one step),
         core_state [n, 2 * hidden] before each -> (features + h [N, hidden], core_state after each)."""
         h, c = core_state.chunk(2, dim=1)
+        input_gates = self.input_weights(features)  # [N, 4 * hidden]: only U h_{t-1} waits for the step before
         if lengths is None:  # acting: one step of each env
-            h, c = self.cell(features, (h, c))
+            h, c = self.step(input_gates, h, c)
             return features + h, torch.cat([h, c], dim=1)
         valid = torch.arange(max(lengths)) < torch.as_tensor(lengths)[:, None]  # [n, T]: sequence i has a step t
-        steps = features.new_zeros(*valid.shape, features.shape[1])
-        steps[valid] = features
+        steps = input_gates.new_zeros(*valid.shape, input_gates.shape[1])
+        steps[valid] = input_gates
         outputs = []
         for t in range(valid.shape[1]):  # learning: step t of every sequence at once
-            h_next, c_next = self.cell(steps[:, t], (h, c))
+            h_next, c_next = self.step(steps[:, t], h, c)
             going = valid[:, t:t + 1]  # a sequence that has ended keeps its last state
             h, c = torch.where(going, h_next, h), torch.where(going, c_next, c)
             outputs.append(h)
@@ -399,7 +407,6 @@ class ActorCritic(nn.Module):
         self.config = {"obs_size": obs_size, "n_actions": n_actions, "continuous": continuous, "hidden": hidden,
                        "normalize_obs": normalize_obs, "normalize_reward": normalize_reward,
                        "separate_critic": separate_critic, "lstm": lstm}  # what a checkpoint rebuilds it from
-        self.obs_size = obs_size
         self.obs_stats = RunningMeanStd((obs_size,)) if normalize_obs else None
         self.return_stats = RunningMeanStd() if normalize_reward else None
 
@@ -495,8 +502,8 @@ class RolloutBuffer(NamedTuple):
 
     @classmethod
     def allocate(cls, model, n_steps, n_envs, shared=False):
-        frames = not isinstance(model.obs_size, int)  # frames stay uint8 (observation_batch)
-        obs_shape, obs_dtype = (model.obs_size, torch.uint8) if frames else ((model.obs_size,), torch.float32)
+        size = model.config["obs_size"]  # frames stay uint8 (observation_batch)
+        obs_shape, obs_dtype = ((size,), torch.float32) if isinstance(size, int) else (size, torch.uint8)
         action_dtype = torch.from_numpy(np.empty(0, model.policy.action_dtype)).dtype
         buffer = cls(torch.zeros(n_steps, n_envs, *obs_shape, dtype=obs_dtype),
                      torch.zeros(n_steps, n_envs, *model.policy.action_shape, dtype=action_dtype),
@@ -523,9 +530,7 @@ def collect_rollouts(envs, model, obs, core_state, buffer, rng):
     An episode that ends closes its env's rollout; the env is reset and its core state zeroed (the new episode
     must not remember the old one), and final_obs keeps the episode's last observation, not the reset one."""
     views = buffer.numpy()
-    n_steps = len(views.obs)
-    starts = [0] * len(envs)  # where each env's open rollout began
-    rollouts = []
+    n_steps, starts, rollouts = len(views.obs), [0] * len(envs), []  # starts: where each env's open rollout began
     for t in range(n_steps):
         views.obs[t], views.core_state[t] = obs, core_state
         with torch.inference_mode():  # a_k ~ pi(.|s_k) for every env k at once
@@ -646,9 +651,8 @@ def sync_model(local_model, shared_model):
 
 
 def hogwild_update(local_model, shared_model, optimizer, loss, max_grad_norm):
-    """Apply the local model's gradient to the shared one, without a lock (Hogwild: overwriting each other's updates
-    now and then costs little), handed over on every update: zero_grad() sets it to None, so aliased once, it
-    would sum across updates. Returns the norm before clipping."""
+    """Backpropagate into the local model and hand the gradient to the shared one without a lock (Hogwild: updates
+    lost now and then cost little), on every update: zero_grad() sets it to None, so aliased once it would sum."""
     local_model.zero_grad()
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(local_model.parameters(), max_grad_norm)
@@ -673,22 +677,21 @@ def update_statistics(shared_model, buffer, rollouts, discounted, gamma):
 
 
 def worker_setup(rank, args):
-    """A worker's seeds, its own envs and local model, and each env's first observation and zero core state."""
+    """A worker's seeds, envs and local model, and each env's first observation, core state and discounted return."""
     torch.manual_seed(args.seed + rank)
     rng = np.random.default_rng(args.seed + rank)
     seeds = [args.seed + rank + k * args.workers for k in range(args.envs_per_worker)]  # 1 env: seed + rank
     envs = [make_env(args.env, seed, frame_stack=args.frame_stack) for seed in seeds]
     obs = observation_batch([env.reset(seed=seed)[0] for env, seed in zip(envs, seeds)])
     model = new_model(model_shape(envs[0]), args)
-    return envs, model, obs, model.initial_core_state(len(envs)).numpy(), rng
+    return envs, model, obs, model.initial_core_state(len(envs)).numpy(), np.zeros(len(envs)), rng
 
 
 def gradient_worker(rank, args, shared_model, optimizer):
     """Alg. S3's actor-learner: copy the shared weights, act, compute the gradient, apply it to the shared model;
     yields (steps, (rank, the episodes that ended, the update's statistics))."""
-    envs, local_model, obs, core_state, rng = worker_setup(rank, args)
+    envs, local_model, obs, core_state, discounted, rng = worker_setup(rank, args)
     buffer = RolloutBuffer.allocate(local_model, args.n_steps, len(envs))
-    discounted = np.zeros(len(envs))
     while True:
         sync_model(local_model, shared_model)
         rollouts = collect_rollouts(envs, local_model, obs, core_state, buffer, rng)
@@ -721,8 +724,7 @@ class Hogwild:
 def data_worker(rank, args, shared_model, policy_version, buffers, free_buffers):
     """Data mode's actor: with a fresh copy of the shared weights, fill one of its shared RolloutBuffers.
     Yields (steps, (rank, which buffer, the policy version that acted, its Rollouts)) for the learner."""
-    envs, local_model, obs, core_state, rng = worker_setup(rank, args)
-    discounted = np.zeros(len(envs))
+    envs, local_model, obs, core_state, discounted, rng = worker_setup(rank, args)
     for index in itertools.cycle(range(len(buffers))):  # in turn, the order in which the learner frees them
         # none free: wait, so that a slow learner holds the workers back rather than let policy lag pile up
         while not free_buffers.acquire(timeout=0.1):
@@ -761,9 +763,8 @@ class Learner:
 
     def receive(self, message, monitor, steps):
         rank, _, _, rollouts = message
-        for r in rollouts:
-            if r.episode is not None:
-                monitor.add_episode(rank, *r.episode, steps)
+        for episode in (r.episode for r in rollouts if r.episode is not None):
+            monitor.add_episode(rank, *episode, steps)
         self.batch.append(message)
         if len(self.batch) == self.batch_size:
             monitor.stats.add(self.learn())
@@ -952,11 +953,9 @@ def stop_processes(processes, queues):
 
 # --- 10. Checkpoints --------------------------------------------------------------------------------
 
-CHECKPOINT_FORMAT = "a3c.py checkpoint v5"  # v5: torch's LSTM cell; v4: lstm; v3: the other MODEL_FLAGS
+CHECKPOINT_FORMAT = "a3c.py checkpoint v4"  # v4: lstm; v3: the other MODEL_FLAGS
 OLDER_FORMATS = {"a3c.py checkpoint v2": dict.fromkeys(MODEL_FLAGS, False),  # what each lacked
-                 "a3c.py checkpoint v3": {"lstm": False}, "a3c.py checkpoint v4": {}}
-V4_LSTM = {"core.input_weights.weight": "core.cell.weight_ih", "core.input_weights.bias": "core.cell.bias_ih",
-           "core.hidden_weights.weight": "core.cell.weight_hh"}  # v4's own LSTM: the same gates (i, f, g, o)
+                 "a3c.py checkpoint v3": {"lstm": False}}
 
 
 class CheckpointError(Exception):
@@ -997,12 +996,7 @@ def load_checkpoint(path):
         raise UsageError(f"checkpoint {path}: not readable as an a3c.py checkpoint ({type(e).__name__})")
     check(isinstance(checkpoint, dict) and checkpoint.get("format") in (CHECKPOINT_FORMAT, *OLDER_FORMATS),
           f"checkpoint {path}: not an a3c.py checkpoint")
-    checkpoint = {**OLDER_FORMATS.get(checkpoint["format"], {}), **checkpoint}
-    if checkpoint["format"] == "a3c.py checkpoint v4" and checkpoint["lstm"]:
-        weights = {V4_LSTM.get(name, name): value for name, value in checkpoint["model"].items()}
-        weights["core.cell.bias_hh"] = torch.zeros_like(weights["core.cell.bias_ih"])  # torch's second bias
-        checkpoint["model"], checkpoint["optimizer"] = weights, None  # Adam's state was for the old parameters
-    return checkpoint
+    return {**OLDER_FORMATS.get(checkpoint["format"], {}), **checkpoint}
 
 
 def checkpoint_shape(checkpoint):
@@ -1252,8 +1246,6 @@ def prepare(args):
                   f"checkpoint {path} was trained without --{flag.replace('_', '-')}")
             setattr(args, flag, checkpoint[flag])
         args.env, args.hidden = checkpoint["env"], checkpoint["hidden"]
-        check(not args.resume or checkpoint["optimizer"] is not None,
-              f"checkpoint {path} holds the LSTM of an older a3c.py: --eval plays it, but it cannot be resumed")
         if not isinstance(checkpoint["obs_size"], int):  # frames: the stack's depth is the model's input width
             frames = checkpoint["obs_size"][0]
             check(args.frame_stack in (None, frames),
