@@ -298,7 +298,7 @@ class CategoricalHead(nn.Module):
 
 class GaussianHead(nn.Module):
     """Box actions, scaled to [-1, 1] by make_env: a ~ N(mean(s), sigma^2) in each dimension, the mean tanh-bounded
-    (outside the box every sample clips alike, and the gradient says no way to go), log sigma a free parameter."""
+    (outside the box every sample clips to one action, and the gradient points nowhere), log sigma a parameter."""
     action_dtype = np.float32
 
     def __init__(self, hidden, action_dims, log_std_init=0.0):
