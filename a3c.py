@@ -92,6 +92,9 @@ def parse_args(argv=None):
     add("--seed", type=number(int), default=0,
         help="worker i seeds its generators with seed + i, its env k with seed + i + k * workers")
     add("--lr", type=positive, default=2e-3, help="Adam learning rate")
+    add("--lr-schedule", choices=["constant", "linear"], default=None, help="linear: the rate falls from --lr to 0 "
+        "at --max-steps, counted over the whole run, resumed or not; without --max-steps it stays --lr "
+        "(default: constant, or the checkpoint's)")
     add("--gamma", type=number(float, 0, 1), default=0.99, help="discount factor, in (0, 1]")
     add("--n-steps", type=positive_int, default=10, help="steps in each env between two updates")
     add("--envs-per-worker", type=positive_int, default=4,
@@ -489,6 +492,20 @@ class SharedAdam(torch.optim.Adam):
         return self
 
 
+def learning_rate(args, steps):
+    """Adam's rate after steps env steps of the run (a resumed run counts its checkpoint's): --lr, or with
+    --lr-schedule linear lr (1 - steps / max_steps), as CleanRL's anneal_lr, so that the last updates refine
+    what was learned instead of shaking it."""
+    if args.lr_schedule == "constant" or args.max_steps is None:
+        return args.lr
+    return args.lr * max(0.0, 1.0 - steps / args.max_steps)
+
+
+def set_learning_rate(optimizer, lr):
+    for group in optimizer.param_groups:  # a float each: the fused kernel takes it as it is
+        group["lr"] = lr
+
+
 # --- 5. Rollouts -----------------------------------------------------------------------------------
 
 class RolloutBuffer(NamedTuple):
@@ -642,6 +659,20 @@ def check_finite(loss):
 # process until training stops. A mode (Hogwild, Learner) is what train() needs of one way to train: worker,
 # worker_args(rank) (what it takes after rank and args), receive(message, monitor, steps) and optimizer.
 
+class StepCounter:
+    """The run's env steps: the checkpoint's it resumed from, plus a slot per worker. No lock: each slot has one
+    writer, and a worker killed while holding a lock would leave it locked, hanging whoever reads it next."""
+
+    def __init__(self, ctx, workers, start=0):
+        self.start, self.slots = start, ctx.Array("q", workers, lock=False)
+
+    def add(self, rank, steps):
+        self.slots[rank] += steps
+
+    def total(self):
+        return self.start + sum(self.slots)
+
+
 def sync_model(local_model, shared_model):
     """Copy the shared weights, and running statistics if any, into the local model in place."""
     with torch.no_grad():
@@ -687,9 +718,10 @@ def worker_setup(rank, args):
     return envs, model, obs, model.initial_core_state(len(envs)).numpy(), np.zeros(len(envs)), rng
 
 
-def gradient_worker(rank, args, shared_model, optimizer):
-    """Alg. S3's actor-learner: copy the shared weights, act, compute the gradient, apply it to the shared model;
-    yields (steps, (rank, the episodes that ended, the update's statistics))."""
+def gradient_worker(rank, args, shared_model, optimizer, steps):
+    """Alg. S3's actor-learner: copy the shared weights, act, compute the gradient, apply it to the shared model
+    at the rate the run's steps (a StepCounter) give; yields (steps, (rank, the episodes that ended, the update's
+    statistics))."""
     envs, local_model, obs, core_state, discounted, rng = worker_setup(rank, args)
     buffer = RolloutBuffer.allocate(local_model, args.n_steps, len(envs))
     while True:
@@ -698,6 +730,8 @@ def gradient_worker(rank, args, shared_model, optimizer):
         loss, update = rollout_loss(local_model, [(buffer, rollouts)], args.gamma, args.value_coef,
                                     args.entropy_coef, args.reward_scale, args.gae_lambda)
         check_finite(loss)
+        update["learning_rate"] = learning_rate(args, steps.total())
+        set_learning_rate(optimizer, update["learning_rate"])
         update["grad_norm"] = hogwild_update(local_model, shared_model, optimizer, loss, args.max_grad_norm)
         update_statistics(shared_model, buffer, rollouts, discounted, args.gamma)
         yield args.n_steps * len(envs), (rank, [r.episode for r in rollouts if r.episode is not None], update)
@@ -707,12 +741,12 @@ class Hogwild:
     """Gradient mode: the workers learn on their own, through SharedAdam; their messages feed the monitor."""
     worker = staticmethod(gradient_worker)
 
-    def __init__(self, args, shared_model, ctx):
-        self.shared_model = shared_model
+    def __init__(self, args, shared_model, ctx, steps):
+        self.shared_model, self.steps = shared_model, steps
         self.optimizer = SharedAdam(shared_model.parameters(), lr=args.lr, fused=True)  # fused: one kernel for all
 
     def worker_args(self, rank):
-        return self.shared_model, self.optimizer
+        return self.shared_model, self.optimizer, self.steps
 
     def receive(self, message, monitor, steps):
         rank, episodes, update = message
@@ -744,7 +778,7 @@ class Learner:
     once --batch-buffers messages have come."""
     worker = staticmethod(data_worker)
 
-    def __init__(self, args, shared_model, ctx):
+    def __init__(self, args, shared_model, ctx, steps):
         self.args, self.shared_model = args, shared_model
         self.optimizer = torch.optim.Adam(shared_model.parameters(), lr=args.lr, fused=True)
         self.version = ctx.Value("q", 0, lock=False)  # written by the learner alone
@@ -767,9 +801,9 @@ class Learner:
             monitor.add_episode(rank, *episode, steps)
         self.batch.append(message)
         if len(self.batch) == self.batch_size:
-            monitor.stats.add(self.learn())
+            monitor.stats.add(self.learn(steps))
 
-    def learn(self):
+    def learn(self, steps):
         """One gradient step on the batch under the current weights; then its buffers go back to the workers. No
         off-policy correction: actions from weights a few updates old count as on-policy (V-trace would fix it)."""
         args = self.args
@@ -777,6 +811,8 @@ class Learner:
         loss, update = rollout_loss(self.shared_model, batch, args.gamma, args.value_coef, args.entropy_coef,
                                     args.reward_scale, args.gae_lambda)
         check_finite(loss)
+        update["learning_rate"] = learning_rate(args, steps)
+        set_learning_rate(self.optimizer, update["learning_rate"])
         self.optimizer.zero_grad()
         loss.backward()
         update["grad_norm"] = nn.utils.clip_grad_norm_(self.shared_model.parameters(), args.max_grad_norm).item()
@@ -829,7 +865,7 @@ def require_shared_memory(needed):
 DIVERGED = 3  # a worker's exit code when its loss stopped being finite
 
 
-def worker_process(rank, worker, args, worker_args, worker_steps, messages, stop_event, parent_pid):
+def worker_process(rank, worker, args, worker_args, steps, messages, stop_event, parent_pid):
     """Every worker process: a mode's worker generator, its steps counted and its messages queued, until the stop
     event or its parent's death. One thread (threads of one worker slow the others down); signals left to the
     main process; exit code DIVERGED with one line for a non-finite loss, 1 and the traceback for other errors."""
@@ -838,8 +874,8 @@ def worker_process(rank, worker, args, worker_args, worker_steps, messages, stop
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the main process decides
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler, which fork copies
     try:
-        for steps, message in worker(rank, args, *worker_args):
-            worker_steps[rank] += steps
+        for taken, message in worker(rank, args, *worker_args):
+            steps.add(rank, taken)
             if message is not None:
                 messages.put(message)
             # a worker whose parent died, even by SIGKILL, is re-parented: it stops rather than run on as an orphan
@@ -886,25 +922,19 @@ class StopSignals:
 
 
 class Workers:
-    """A run's worker processes and what they share with the main process: an env-step counter each, the
-    queue of their messages and the stop event."""
+    """A run's worker processes and what they share with the main process: the StepCounter, the queue of their
+    messages and the stop event."""
 
-    def __init__(self, ctx, args, mode):
-        # One slot per worker and no lock: each slot has one writer, and a worker killed while holding a lock
-        # would leave it locked for good, hanging whoever reads the counter next.
-        self.worker_steps = ctx.Array("q", args.workers, lock=False)
+    def __init__(self, ctx, args, mode, steps):
         self.messages = ctx.Queue()
         self.stop_event = ctx.Event()
         self.processes = [ctx.Process(target=worker_process, daemon=True, args=(
-            rank, mode.worker, args, mode.worker_args(rank), self.worker_steps, self.messages, self.stop_event,
+            rank, mode.worker, args, mode.worker_args(rank), steps, self.messages, self.stop_event,
             os.getpid())) for rank in range(args.workers)]
 
     def start(self):
         for process in self.processes:
             process.start()
-
-    def steps(self):
-        return sum(self.worker_steps)
 
     def next_message(self, timeout):
         """The next message, or None after timeout seconds; first, Stop if a worker has ended badly (checked
@@ -1012,7 +1042,7 @@ class UpdateStats:
     variance is nan for constant returns, and gradient mode has no policy lag)."""
     TAGS = {"policy_loss": "update/policy_loss", "value_loss": "update/value_loss", "entropy": "update/entropy",
             "explained_variance": "update/explained_variance", "grad_norm": "update/grad_norm",
-            "policy_lag": "data_mode/policy_lag"}  # each statistic's TensorBoard tag
+            "learning_rate": "update/learning_rate", "policy_lag": "data_mode/policy_lag"}  # each statistic's TensorBoard tag
 
     def __init__(self):
         self.sums, self.counts = np.zeros(len(self.TAGS)), np.zeros(len(self.TAGS), dtype=np.int64)
@@ -1119,22 +1149,21 @@ def train(args, checkpoint=None):
     env.close()
     shared_model.share_memory()
     ctx = start_method()
-    mode = (Hogwild if args.mode == "gradient" else Learner)(args, shared_model, ctx)
     counters = {"steps": 0, "episodes": 0, "recent_returns": []}
     if checkpoint is not None:
-        shared_model.load_state_dict(checkpoint["model"])
-        mode.optimizer.load_state_dict(checkpoint["optimizer"])
         counters = {key: checkpoint[key] for key in counters}
+    steps = StepCounter(ctx, args.workers, counters["steps"])
+    mode = (Hogwild if args.mode == "gradient" else Learner)(args, shared_model, ctx, steps)
+    if checkpoint is not None:
+        shared_model.load_state_dict(checkpoint["model"])
+        mode.optimizer.load_state_dict(checkpoint["optimizer"])  # the rate is set again at every update
     monitor = Monitor(args, **counters)
-    workers = Workers(ctx, args, mode)
-
-    def global_step():
-        return counters["steps"] + workers.steps()
+    workers = Workers(ctx, args, mode, steps)
 
     def save(final=False):
         """One that cannot be written is a line on stderr: mid-run, training goes on; at the end, exit code 1."""
         try:
-            return save_checkpoint(args.save, shared_model, mode.optimizer, args, global_step(),
+            return save_checkpoint(args.save, shared_model, mode.optimizer, args, steps.total(),
                                    monitor.episodes, monitor.recent)
         except CheckpointError as e:
             print(f"a3c.py: {e}" + ("" if final else "; training goes on"), file=sys.stderr, flush=True)
@@ -1149,15 +1178,15 @@ def train(args, checkpoint=None):
             if args.tensorboard is not None:
                 monitor.open_tensorboard()
             last_save = time.monotonic()
-            while not monitor.done(global_step()):
+            while not monitor.done(steps.total()):
                 signals.check()
                 message = workers.next_message(timeout=0.1)
                 if message is not None:
-                    mode.receive(message, monitor, global_step())
+                    mode.receive(message, monitor, steps.total())
                 if time.monotonic() - last_save >= args.save_every:
                     save()
                     last_save = time.monotonic()
-                monitor.progress(global_step())
+                monitor.progress(steps.total())
         except Stop as stop:
             outcome = {"exit_code": stop.exit_code, "message": str(stop), "save": stop.save}
         except FloatingPointError as error:  # the learner's loss, in data mode
@@ -1165,9 +1194,9 @@ def train(args, checkpoint=None):
         finally:
             workers.stop()
             saved = outcome["save"] and save(final=True)
-            monitor.progress(global_step(), force=True)
+            monitor.progress(steps.total(), force=True)
             monitor.close()
-    return {**monitor.summary(global_step()), **outcome, "saved": saved}
+    return {**monitor.summary(steps.total()), **outcome, "saved": saved}
 
 
 # --- 12. Evaluation --------------------------------------------------------------------------------
@@ -1231,8 +1260,8 @@ def make_folder(flag, folder):
 
 def prepare(args):
     """Check every input before a process starts, and fill in the defaults that depend on the env or the
-    checkpoint (--env, --hidden, the MODEL_FLAGS, --frame-stack, --reward-scale, --target-return); returns the
-    checkpoint to load, if any."""
+    checkpoint (--env, --hidden, the MODEL_FLAGS, --frame-stack, --lr-schedule, --reward-scale, --target-return);
+    returns the checkpoint to load, if any."""
     checkpoint, path = None, args.eval or args.resume
     check(not (args.eval and args.resume), "--eval and --resume exclude each other")
     if path:
@@ -1251,6 +1280,8 @@ def prepare(args):
             check(args.frame_stack in (None, frames),
                   f"checkpoint {path} has --frame-stack {frames}, not {args.frame_stack}")
             args.frame_stack = frames
+    resumed = checkpoint["args"].get("lr_schedule") if args.resume else None  # None: older than the flag
+    args.lr_schedule = args.lr_schedule or resumed or "constant"  # a resumed schedule goes on where it was
     check(not (args.lstm and args.separate_critic),
           "--lstm and --separate-critic exclude each other: the critic's own torso would have no memory")
     args.env = args.env or "CartPole-v1"

@@ -193,6 +193,30 @@ def test_shared_adam_stays_shared_after_loading_state():
         assert all(tensor.is_shared() for tensor in shared_adam2.state[p].values())
 
 
+@pytest.mark.parametrize("schedule, max_steps, expected", [
+    ("constant", 1000, [0.01, 0.01, 0.01, 0.01]), ("linear", 1000, [0.01, 0.0075, 0.0, 0.0]),
+    ("linear", None, [0.01, 0.01, 0.01, 0.01])])  # no budget to decay over: constant
+def test_learning_rate_schedule_at_step_k(schedule, max_steps, expected):
+    args = types.SimpleNamespace(lr=0.01, lr_schedule=schedule, max_steps=max_steps)
+    assert [a3c.learning_rate(args, k) for k in (0, 250, 1000, 1500)] == pytest.approx(expected)
+
+
+def test_hogwild_workers_take_their_rate_from_the_runs_step_count():
+    args = a3c.parse_args(["--workers", "1", "--hidden", "16", "--n-steps", "5", "--envs-per-worker", "2",
+                           "--lr-schedule", "linear", "--max-steps", "10000"])
+    a3c.prepare(args)
+    shared_model = a3c.ActorCritic(4, 2, 16)
+    shared_model.share_memory()
+    optimizer = a3c.SharedAdam(shared_model.parameters(), lr=args.lr)
+    steps = a3c.StepCounter(multiprocessing.get_context("fork"), 1, start=4000)  # resumed at step 4000
+    worker = a3c.gradient_worker(0, args, shared_model, optimizer, steps)
+    for k in range(3):
+        taken, (_, _, update) = next(worker)
+        expected = args.lr * (1 - (4000 + 10 * k) / 10000)
+        assert update["learning_rate"] == pytest.approx(expected) == optimizer.param_groups[0]["lr"]
+        steps.add(0, taken)  # as worker_process does
+
+
 def fixed_rollout(kind="categorical"):
     """A batch of one rollout: five steps of one env in a RolloutBuffer, cut by n_steps; for the LSTM, from a core
     state that is not zero (the rollout continues an episode)."""
@@ -984,7 +1008,7 @@ def start_data_worker(args, shared_model, version=0):
     buffers = [a3c.RolloutBuffer.allocate(shared_model, args.n_steps, args.envs_per_worker, shared=True)
                for _ in range(2)]
     free_buffers = SPAWN.Semaphore(2)
-    policy_version, worker_steps, stop_event = SPAWN.Value("q", version), SPAWN.Array("q", 1, lock=False), SPAWN.Event()
+    policy_version, worker_steps, stop_event = SPAWN.Value("q", version), a3c.StepCounter(SPAWN, 1), SPAWN.Event()
     messages = SPAWN.Queue()
     worker = SPAWN.Process(target=a3c.worker_process, daemon=True,
                            args=(0, a3c.data_worker, args, (shared_model, policy_version, buffers, free_buffers),
@@ -1040,7 +1064,7 @@ def test_data_worker_fills_shared_buffers_sends_small_messages_and_waits_for_fre
             if r.stop == 7 and r.episode is None:
                 np.testing.assert_array_equal(r.final_obs, starts[r.env])
                 checked += 1
-    assert checked >= 3 and worker_steps[0] >= 3 * 7 * 3
+    assert checked >= 3 and worker_steps.total() >= 3 * 7 * 3
 
 
 # --- recurrent state (--lstm) -------------------------------------------------------------------------
@@ -1400,7 +1424,8 @@ def test_update_stats_average_finite_values():
 
 
 TENSORBOARD_SCALARS = {"episode/return", "episode/length", "update/policy_loss", "update/value_loss",
-                       "update/entropy", "update/explained_variance", "update/grad_norm", "speed/steps_per_second"}
+                       "update/entropy", "update/explained_variance", "update/grad_norm", "update/learning_rate",
+                       "speed/steps_per_second"}
 
 
 @pytest.mark.parametrize("mode", ["gradient", "data"])
@@ -1676,6 +1701,19 @@ def test_resume_then_eval_round_trip(tmp_path, capsys):
     assert len([line for line in out if line.startswith("episode ")]) == 3
     assert re.fullmatch(r"result: solved=no episodes=3 steps=\d+ seconds=[\d.]+ steps_per_second=\d+ "
                         r"mean_return=[\d.]+", out[-1]), out[-1]
+
+
+def test_a_resumed_run_goes_on_with_its_learning_rate_schedule(tmp_path):
+    path, lr = str(tmp_path / "model.pth"), 2e-3  # data mode: the learner sets the rate in the main process
+    common = ["--workers", "1", "--hidden", "16", "--mode", "data", "--max-steps", "8000", "--save", path]
+    assert a3c.main([*common, "--lr-schedule", "linear", "--max-episodes", "30"]) == 0
+    first = a3c.load_checkpoint(path)
+    assert a3c.main([*common, "--resume", path, "--max-episodes", "40"]) == 0  # no --lr-schedule: the checkpoint's
+    second = a3c.load_checkpoint(path)
+    assert second["args"]["lr_schedule"] == "linear" and second["steps"] < 2 * first["steps"]
+    # the last update's rate: decayed over the whole run's steps, not from where the second run began
+    rate = second["optimizer"]["param_groups"][0]["lr"]
+    assert lr * (1 - second["steps"] / 8000) <= rate <= lr * (1 - first["steps"] / 8000)
 
 
 def test_episode_csv_has_one_row_per_episode(tmp_path):
