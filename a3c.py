@@ -298,10 +298,13 @@ class CategoricalHead(nn.Module):
     def mode(self, logits):
         return np.argmax(logits, axis=1)
 
+    def bound_loss(self, logits):  # any logits are a distribution
+        return 0.0
+
 
 class GaussianHead(nn.Module):
-    """Box actions, scaled to [-1, 1] by make_env: a ~ N(mean(s), sigma^2) in each dimension, the mean tanh-bounded
-    (outside the box every sample clips to one action, and the gradient points nowhere), log sigma a parameter."""
+    """Box actions, scaled to [-1, 1] by make_env: a ~ N(mean(s), sigma^2) in each dimension, the mean linear (as in
+    the paper, and kept near the box by bound_loss), log sigma a parameter; the env clips the samples."""
     action_dtype = np.float32
 
     def __init__(self, hidden, action_dims, log_std_init=0.0):
@@ -311,7 +314,7 @@ class GaussianHead(nn.Module):
         self.action_shape = (action_dims,)
 
     def forward(self, h):
-        return torch.tanh(self.out(h))  # [B, D] means, inside the box
+        return self.out(h)  # [B, D] means
 
     def log_prob_entropy(self, mean, actions):
         """log pi(a_t|s_t) [T] and the entropy [T]: mean [T, D], actions [T, D]. Per dimension log N(a; mu, sigma)
@@ -327,6 +330,12 @@ class GaussianHead(nn.Module):
 
     def mode(self, mean):
         return mean
+
+    def bound_loss(self, mean):
+        """(|mean| - 1)^2 past the box, summed over dimensions, averaged over steps. Far outside, every sample clips
+        to the same action and the policy gradient cannot tell the way back; this can, from any distance, where a
+        tanh-bounded mean's gradient would vanish and leave the policy stuck on the bound."""
+        return (mean.abs() - 1).clamp(min=0).pow(2).sum(-1).mean()
 
 
 class ConvTorso(nn.Module):
@@ -645,6 +654,7 @@ def rollout_loss(model, batch, gamma, value_coef, entropy_coef, reward_scale=1.0
     actions = torch.from_numpy(np.concatenate([buffer.actions[r.start:r.stop, r.env] for buffer, r in rollouts]))
     log_probs, entropy = model.policy.log_prob_entropy(head_out, actions)
     loss, stats = a3c_loss(log_probs, entropy, values, returns, value_coef, entropy_coef)
+    loss = loss + model.policy.bound_loss(head_out)  # 0 for the logits, and for a Gaussian mean inside the box
     return loss, {**stats, "explained_variance": explained_variance(values.detach(), returns)}
 
 
@@ -983,9 +993,9 @@ def stop_processes(processes, queues):
 
 # --- 10. Checkpoints --------------------------------------------------------------------------------
 
-CHECKPOINT_FORMAT = "a3c.py checkpoint v4"  # v4: lstm; v3: the other MODEL_FLAGS
+CHECKPOINT_FORMAT = "a3c.py checkpoint v5"  # v5: a linear Gaussian mean; v4: lstm; v3: the other MODEL_FLAGS
 OLDER_FORMATS = {"a3c.py checkpoint v2": dict.fromkeys(MODEL_FLAGS, False),  # what each lacked
-                 "a3c.py checkpoint v3": {"lstm": False}}
+                 "a3c.py checkpoint v3": {"lstm": False}, "a3c.py checkpoint v4": {}}
 
 
 class CheckpointError(Exception):
@@ -1026,6 +1036,8 @@ def load_checkpoint(path):
         raise UsageError(f"checkpoint {path}: not readable as an a3c.py checkpoint ({type(e).__name__})")
     check(isinstance(checkpoint, dict) and checkpoint.get("format") in (CHECKPOINT_FORMAT, *OLDER_FORMATS),
           f"checkpoint {path}: not an a3c.py checkpoint")
+    check(checkpoint["format"] == CHECKPOINT_FORMAT or not checkpoint["continuous"], f"checkpoint {path}: its "
+          "Gaussian policy has a tanh-bounded mean, which this a3c.py no longer builds (v5); train it again")
     return {**OLDER_FORMATS.get(checkpoint["format"], {}), **checkpoint}
 
 

@@ -939,12 +939,35 @@ def test_gaussian_head_samples_around_the_mean_and_plays_the_mean():
         means, _, _ = model(torch.zeros(20000, 2), model.initial_core_state(20000))
     actions = model.policy.sample(means.numpy(), np.random.default_rng(0))
     assert actions.dtype == np.float32 and actions.shape == (20000, 2)
-    np.testing.assert_allclose(actions.mean(0), np.tanh([1.0, -3.0]), atol=0.03)  # means bounded by tanh
+    np.testing.assert_allclose(actions.mean(0), [1.0, -3.0], atol=0.03)  # linear means, not clipped here
     np.testing.assert_allclose(actions.std(0), [1.0, 0.5], rtol=0.03)
     with torch.inference_mode():
         mean, _, _ = model(torch.zeros(1, 2))
-    np.testing.assert_allclose(mean.numpy(), np.tanh([[1.0, -3.0]]), rtol=1e-6)
+    np.testing.assert_allclose(mean.numpy(), [[1.0, -3.0]], rtol=1e-6)
     np.testing.assert_array_equal(model.policy.mode(mean.numpy()), mean.numpy())  # --eval plays the mean
+
+
+def test_bound_loss_is_zero_inside_the_box_and_pulls_a_mean_outside_back():
+    head = gaussian_head([0.0, 0.0])
+    assert head.bound_loss(torch.tensor([[0.5, -1.0], [1.0, 0.0]])).item() == 0.0
+    mean = torch.tensor([[3.0, -0.2], [0.0, -5.0]], requires_grad=True)
+    loss = head.bound_loss(mean)
+    assert loss.item() == pytest.approx((2.0 ** 2 + 4.0 ** 2) / 2)  # (|mu| - 1)^2 past the box, mean over steps
+    loss.backward()
+    torch.testing.assert_close(mean.grad, torch.tensor([[2.0, 0.0], [0.0, -4.0]]))  # descent: back towards the box
+    # a tanh-bounded mean that far out would get almost no gradient at all
+    pre = torch.tensor([6.0], requires_grad=True)
+    torch.tanh(pre).sum().backward()
+    assert pre.grad.item() < 1e-4
+
+
+def test_the_loss_both_modes_train_with_includes_the_heads_bound_loss(monkeypatch):
+    for kind in ["gaussian", "categorical"]:
+        model, batch = small_model(kind), fixed_rollout(kind)
+        loss, _ = a3c.rollout_loss(model, batch, 0.9, 0.5, 0.01)
+        monkeypatch.setattr(type(model.policy), "bound_loss", lambda self, head_out: 7.0)
+        assert a3c.rollout_loss(model, batch, 0.9, 0.5, 0.01)[0].item() == pytest.approx(loss.item() + 7.0)
+        monkeypatch.undo()
 
 
 class RecordingBoxEnv(gym.Env):
@@ -1640,12 +1663,12 @@ def test_checkpoint_refuses_non_finite_weights(tmp_path):
     assert torch.isfinite(a3c.load_checkpoint(str(path))["model"]["policy.out.weight"]).all()
 
 
-@pytest.mark.parametrize("version, missing", [("v2", a3c.MODEL_FLAGS), ("v3", ["lstm"])])
+@pytest.mark.parametrize("version, missing", [("v2", a3c.MODEL_FLAGS), ("v3", ["lstm"]), ("v4", [])])
 def test_checkpoint_from_before_a_model_flag_loads_without_it(version, missing, tmp_path, capsys):
     path = tmp_path / f"{version}.pth"
     save_small_checkpoint(path)
     checkpoint = torch.load(path, weights_only=True)
-    assert checkpoint["format"] == "a3c.py checkpoint v4"  # what is written today
+    assert checkpoint["format"] == "a3c.py checkpoint v5"  # what is written today
     for flag in missing:
         del checkpoint[flag]
     checkpoint["format"] = f"a3c.py checkpoint {version}"
@@ -1654,6 +1677,22 @@ def test_checkpoint_from_before_a_model_flag_loads_without_it(version, missing, 
     assert "result: solved=" in capsys.readouterr().out
     assert a3c.main(["--eval", str(path), "--episodes", "1", "--lstm"]) == 2  # it has none
     assert "was trained without --lstm" in capsys.readouterr().err
+
+
+def test_a_box_checkpoint_from_before_the_linear_mean_is_refused_in_one_line(tmp_path, capsys):
+    path = tmp_path / "v4.pth"
+    args = a3c.parse_args(["--hidden", "16", "--env", "Pendulum-v1", "--target-return", "-200"])
+    a3c.prepare(args)
+    model = a3c.ActorCritic(3, 1, 16, continuous=True)
+    assert a3c.save_checkpoint(str(path), model, torch.optim.Adam(model.parameters()), args, 0, 0, [])
+    assert a3c.main(["--eval", str(path), "--episodes", "1"]) == 0  # as written today: plays
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["format"] = "a3c.py checkpoint v4"
+    torch.save(checkpoint, path)
+    capsys.readouterr()
+    assert a3c.main(["--eval", str(path), "--episodes", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tanh-bounded mean" in err and "Traceback" not in err
 
 
 def test_an_lstm_checkpoint_plays_and_resumes_as_the_network_it_saved(tmp_path, capsys):
