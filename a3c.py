@@ -669,20 +669,6 @@ def check_finite(loss):
 # process until training stops. A mode (Hogwild, Learner) is what train() needs of one way to train: worker,
 # worker_args(rank) (what it takes after rank and args), receive(message, monitor, steps) and optimizer.
 
-class StepCounter:
-    """The run's env steps: the checkpoint's it resumed from, plus a slot per worker. No lock: each slot has one
-    writer, and a worker killed while holding a lock would leave it locked, hanging whoever reads it next."""
-
-    def __init__(self, ctx, workers, start=0):
-        self.start, self.slots = start, ctx.Array("q", workers, lock=False)
-
-    def add(self, rank, steps):
-        self.slots[rank] += steps
-
-    def total(self):
-        return self.start + sum(self.slots)
-
-
 def sync_model(local_model, shared_model):
     """Copy the shared weights, and running statistics if any, into the local model in place."""
     with torch.no_grad():
@@ -730,8 +716,8 @@ def worker_setup(rank, args):
 
 def gradient_worker(rank, args, shared_model, optimizer, steps):
     """Alg. S3's actor-learner: copy the shared weights, act, compute the gradient, apply it to the shared model
-    at the rate the run's steps (a StepCounter) give; yields (steps, (rank, the episodes that ended, the update's
-    statistics))."""
+    at the rate of the run's step count (steps.total(), a StepCounter of section 9); yields (steps, (rank, the
+    episodes that ended, the update's statistics))."""
     envs, local_model, obs, core_state, discounted, rng = worker_setup(rank, args)
     buffer = RolloutBuffer.allocate(local_model, args.n_steps, len(envs))
     while True:
@@ -873,6 +859,20 @@ def require_shared_memory(needed):
 
 
 DIVERGED = 3  # a worker's exit code when its loss stopped being finite
+
+
+class StepCounter:
+    """The run's env steps: the checkpoint's it resumed from, plus a slot per worker. No lock: each slot has one
+    writer, and a worker killed while holding a lock would leave it locked, hanging whoever reads it next."""
+
+    def __init__(self, ctx, workers, start=0):
+        self.start, self.slots = start, ctx.Array("q", workers, lock=False)
+
+    def add(self, rank, steps):
+        self.slots[rank] += steps
+
+    def total(self):
+        return self.start + sum(self.slots)
 
 
 def worker_process(rank, worker, args, worker_args, steps, messages, stop_event, parent_pid):
