@@ -511,8 +511,10 @@ def learning_rate(args, steps):
 
 
 def set_learning_rate(optimizer, lr):
-    for group in optimizer.param_groups:  # a float each: the fused kernel takes it as it is
+    """Give every param group the rate (a float: the fused kernel takes it as it is); returns it, for the stats."""
+    for group in optimizer.param_groups:
         group["lr"] = lr
+    return lr
 
 
 # --- 5. Rollouts -----------------------------------------------------------------------------------
@@ -726,8 +728,7 @@ def gradient_worker(rank, args, shared_model, optimizer, steps):
         loss, update = rollout_loss(local_model, [(buffer, rollouts)], args.gamma, args.value_coef,
                                     args.entropy_coef, args.reward_scale, args.gae_lambda)
         check_finite(loss)
-        update["learning_rate"] = learning_rate(args, steps.total())
-        set_learning_rate(optimizer, update["learning_rate"])
+        update["learning_rate"] = set_learning_rate(optimizer, learning_rate(args, steps.total()))
         update["grad_norm"] = hogwild_update(local_model, shared_model, optimizer, loss, args.max_grad_norm)
         update_statistics(shared_model, buffer, rollouts, discounted, args.gamma)
         yield args.n_steps * len(envs), (rank, [r.episode for r in rollouts if r.episode is not None], update)
@@ -775,7 +776,7 @@ class Learner:
     worker = staticmethod(data_worker)
 
     def __init__(self, args, shared_model, ctx, steps):
-        self.args, self.shared_model = args, shared_model
+        self.args, self.shared_model, self.steps = args, shared_model, steps
         self.optimizer = torch.optim.Adam(shared_model.parameters(), lr=args.lr, fused=True)
         self.version = ctx.Value("q", 0, lock=False)  # written by the learner alone
         self.batch_size = args.batch_buffers or args.workers
@@ -797,9 +798,9 @@ class Learner:
             monitor.add_episode(rank, *episode, steps)
         self.batch.append(message)
         if len(self.batch) == self.batch_size:
-            monitor.stats.add(self.learn(steps))
+            monitor.stats.add(self.learn())
 
-    def learn(self, steps):
+    def learn(self):
         """One gradient step on the batch under the current weights; then its buffers go back to the workers. No
         off-policy correction: actions from weights a few updates old count as on-policy (V-trace would fix it)."""
         args = self.args
@@ -807,8 +808,7 @@ class Learner:
         loss, update = rollout_loss(self.shared_model, batch, args.gamma, args.value_coef, args.entropy_coef,
                                     args.reward_scale, args.gae_lambda)
         check_finite(loss)
-        update["learning_rate"] = learning_rate(args, steps)
-        set_learning_rate(self.optimizer, update["learning_rate"])
+        update["learning_rate"] = set_learning_rate(self.optimizer, learning_rate(args, self.steps.total()))
         self.optimizer.zero_grad()
         loss.backward()
         update["grad_norm"] = nn.utils.clip_grad_norm_(self.shared_model.parameters(), args.max_grad_norm).item()
@@ -1054,7 +1054,8 @@ class UpdateStats:
     variance is nan for constant returns, and gradient mode has no policy lag)."""
     TAGS = {"policy_loss": "update/policy_loss", "value_loss": "update/value_loss", "entropy": "update/entropy",
             "explained_variance": "update/explained_variance", "grad_norm": "update/grad_norm",
-            "learning_rate": "update/learning_rate", "policy_lag": "data_mode/policy_lag"}  # each statistic's TensorBoard tag
+            "learning_rate": "update/learning_rate",
+            "policy_lag": "data_mode/policy_lag"}  # each statistic's TensorBoard tag
 
     def __init__(self):
         self.sums, self.counts = np.zeros(len(self.TAGS)), np.zeros(len(self.TAGS), dtype=np.int64)
