@@ -89,8 +89,8 @@ def parse_args(argv=None):
         help="gradient: Hogwild workers; data: workers act, one learner trains")
     add("--env", type=str, default=None, help="Gymnasium id: 1-D Box or uint8 image obs, Discrete or 1-D Box "
         "actions (default: CartPole-v1, or the checkpoint's)")
-    add("--seed", type=number(int), default=0,
-        help="worker i seeds its generators with seed + i, its env k with seed + i + k * workers")
+    add("--seed", type=number(int), default=0, help="the run's seed: every worker's and env's own seed is drawn from it "
+        "(numpy's SeedSequence), so that runs of different seeds share no stream")
     add("--lr", type=positive, default=2e-3, help="Adam learning rate")
     add("--lr-schedule", choices=["constant", "linear"], default=None, help="linear: the rate falls from --lr to 0 "
         "at --max-steps, counted over the whole run, resumed or not; without --max-steps it stays --lr "
@@ -705,22 +705,32 @@ def update_statistics(shared_model, buffer, rollouts, discounted, gamma):
         shared_model.return_stats.update(seen.reshape(-1))
 
 
-def worker_setup(rank, args):
-    """A worker's seeds, envs and local model, and each env's first observation, core state and discounted return."""
-    torch.manual_seed(args.seed + rank)
-    rng = np.random.default_rng(args.seed + rank)
-    seeds = [args.seed + rank + k * args.workers for k in range(args.envs_per_worker)]  # 1 env: seed + rank
-    envs = [make_env(args.env, seed, frame_stack=args.frame_stack) for seed in seeds]
-    obs = observation_batch([env.reset(seed=seed)[0] for env, seed in zip(envs, seeds)])
+def run_seeds(seed, first_step, workers, envs_per_worker):
+    """[worker seed, its envs' seeds] for each worker, drawn from the run's seed by numpy's SeedSequence, so that no
+    two streams of a run, nor of runs with different seeds, are the same (with seed + i, worker i of run s would be
+    worker 0 of run s + i). A resumed run (first_step > 0) draws new ones, not those its first part began with."""
+    workers_sequences = np.random.SeedSequence([seed, first_step]).spawn(workers)
+    return [[int(child.generate_state(1, np.uint64)[0]) for child in worker.spawn(1 + envs_per_worker)]
+            for worker in workers_sequences]
+
+
+def worker_setup(args, seeds):
+    """A worker's generators, envs and local model (seeds: its row of run_seeds), and each env's first observation,
+    core state and discounted return."""
+    worker_seed, *env_seeds = seeds
+    torch.manual_seed(worker_seed)
+    rng = np.random.default_rng(worker_seed)
+    envs = [make_env(args.env, seed, frame_stack=args.frame_stack) for seed in env_seeds]
+    obs = observation_batch([env.reset(seed=seed)[0] for env, seed in zip(envs, env_seeds)])
     model = new_model(model_shape(envs[0]), args)
     return envs, model, obs, model.initial_core_state(len(envs)).numpy(), np.zeros(len(envs)), rng
 
 
-def gradient_worker(rank, args, shared_model, optimizer, steps):
+def gradient_worker(rank, args, seeds, shared_model, optimizer, steps):
     """Alg. S3's actor-learner: copy the shared weights, act, compute the gradient, apply it to the shared model
     at the rate of the run's step count (steps.total(), a StepCounter of section 9); yields (steps, (rank, the
     episodes that ended, the update's statistics))."""
-    envs, local_model, obs, core_state, discounted, rng = worker_setup(rank, args)
+    envs, local_model, obs, core_state, discounted, rng = worker_setup(args, seeds)
     buffer = RolloutBuffer.allocate(local_model, args.n_steps, len(envs))
     while True:
         sync_model(local_model, shared_model)
@@ -752,10 +762,10 @@ class Hogwild:
         monitor.stats.add(update)
 
 
-def data_worker(rank, args, shared_model, policy_version, buffers, free_buffers):
+def data_worker(rank, args, seeds, shared_model, policy_version, buffers, free_buffers):
     """Data mode's actor: with a fresh copy of the shared weights, fill one of its shared RolloutBuffers.
     Yields (steps, (rank, which buffer, the policy version that acted, its Rollouts)) for the learner."""
-    envs, local_model, obs, core_state, discounted, rng = worker_setup(rank, args)
+    envs, local_model, obs, core_state, discounted, rng = worker_setup(args, seeds)
     for index in itertools.cycle(range(len(buffers))):  # in turn, the order in which the learner frees them
         # none free: wait, so that a slow learner holds the workers back rather than let policy lag pile up
         while not free_buffers.acquire(timeout=0.1):
@@ -875,7 +885,7 @@ class StepCounter:
         return self.start + sum(self.slots)
 
 
-def worker_process(rank, worker, args, worker_args, steps, messages, stop_event, parent_pid):
+def worker_process(rank, worker, args, seeds, worker_args, steps, messages, stop_event, parent_pid):
     """Every worker process: a mode's worker generator, its steps counted and its messages queued, until the stop
     event or its parent's death. One thread (threads of one worker slow the others down); signals left to the
     main process; exit code DIVERGED with one line for a non-finite loss, 1 and the traceback for other errors."""
@@ -884,7 +894,7 @@ def worker_process(rank, worker, args, worker_args, steps, messages, stop_event,
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the main process decides
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler, which fork copies
     try:
-        for taken, message in worker(rank, args, *worker_args):
+        for taken, message in worker(rank, args, seeds, *worker_args):
             steps.add(rank, taken)
             if message is not None:
                 messages.put(message)
@@ -938,9 +948,10 @@ class Workers:
     def __init__(self, ctx, args, mode, steps):
         self.messages = ctx.Queue()
         self.stop_event = ctx.Event()
+        seeds = run_seeds(args.seed, steps.start, args.workers, args.envs_per_worker)
         self.processes = [ctx.Process(target=worker_process, daemon=True, args=(
-            rank, mode.worker, args, mode.worker_args(rank), steps, self.messages, self.stop_event,
-            os.getpid())) for rank in range(args.workers)]
+            rank, mode.worker, args, seeds[rank], mode.worker_args(rank), steps, self.messages,
+            self.stop_event, os.getpid())) for rank in range(args.workers)]
 
     def start(self):
         for process in self.processes:

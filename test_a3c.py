@@ -3,6 +3,7 @@ memory, learning (single-worker convergence first, then the other slow learning 
 and the batch loss, GAE, running statistics, the Gaussian policy, the data path, recurrent state, whole runs,
 pixels, diagnostics, and operating it (bad input, checkpoints, signals, crashes)."""
 import copy
+import csv
 import errno
 import math
 import multiprocessing
@@ -209,7 +210,8 @@ def test_hogwild_workers_take_their_rate_from_the_runs_step_count():
     shared_model.share_memory()
     optimizer = a3c.SharedAdam(shared_model.parameters(), lr=args.lr)
     steps = a3c.StepCounter(multiprocessing.get_context("fork"), 1, start=4000)  # resumed at step 4000
-    worker = a3c.gradient_worker(0, args, shared_model, optimizer, steps)
+    seeds = a3c.run_seeds(0, 0, 1, args.envs_per_worker)[0]
+    worker = a3c.gradient_worker(0, args, seeds, shared_model, optimizer, steps)
     for k in range(3):
         taken, (_, _, update) = next(worker)
         expected = args.lr * (1 - (4000 + 10 * k) / 10000)
@@ -1034,8 +1036,9 @@ def start_data_worker(args, shared_model, version=0):
     policy_version, worker_steps, stop_event = SPAWN.Value("q", version), a3c.StepCounter(SPAWN, 1), SPAWN.Event()
     messages = SPAWN.Queue()
     worker = SPAWN.Process(target=a3c.worker_process, daemon=True,
-                           args=(0, a3c.data_worker, args, (shared_model, policy_version, buffers, free_buffers),
-                                 worker_steps, messages, stop_event, os.getpid()))
+                           args=(0, a3c.data_worker, args, a3c.run_seeds(0, 0, 1, args.envs_per_worker)[0],
+                                 (shared_model, policy_version, buffers, free_buffers), worker_steps, messages,
+                                 stop_event, os.getpid()))
     worker.start()
     return worker, buffers, free_buffers, policy_version, worker_steps, messages, stop_event
 
@@ -1753,6 +1756,32 @@ def test_a_resumed_run_goes_on_with_its_learning_rate_schedule(tmp_path):
     # the last update's rate: decayed over the whole run's steps, not from where the second run began
     rate = second["optimizer"]["param_groups"][0]["lr"]
     assert lr * (1 - second["steps"] / 8000) <= rate <= lr * (1 - first["steps"] / 8000)
+
+
+def test_runs_of_different_seeds_share_no_stream():
+    """Seeds 1-5 with 2 workers of 4 envs: every worker's and env's seed differs from every other's, within a run
+    and across runs (seed + rank + k * workers shared most of them); the same seed gives the same ones; a resumed
+    run gets new ones."""
+    runs = {seed: a3c.run_seeds(seed, 0, 2, 4) for seed in range(1, 6)}
+    assert all(len(run) == 2 and all(len(worker) == 1 + 4 for worker in run) for run in runs.values())
+    every = [s for run in runs.values() for worker in run for s in worker]
+    assert len(set(every)) == len(every) == 5 * 2 * 5
+    assert a3c.run_seeds(1, 0, 2, 4) == runs[1]
+    resumed = [s for worker in a3c.run_seeds(1, 40000, 2, 4) for s in worker]
+    assert not set(resumed) & set(every)
+
+
+def test_one_worker_is_reproducible_run_to_run(tmp_path):
+    """--workers 1 --mode gradient: the same seed gives the same episodes and the same weights; another seed not."""
+    def run(seed, name):
+        path, csv_path = tmp_path / f"{name}.pth", tmp_path / f"{name}.csv"
+        assert a3c.main(["--workers", "1", "--seed", str(seed), "--max-steps", "4000", "--hidden", "16",
+                         "--save", str(path), "--log-csv", str(csv_path)]) == 0
+        rows = [row[1:] for row in csv.reader(open(csv_path))]  # without the wall time
+        return rows, a3c.load_checkpoint(str(path))["model"]
+    (rows, model), (again, model_again), (other, _) = run(1, "a"), run(1, "b"), run(2, "c")
+    assert len(rows) > 100 and rows == again and rows != other
+    assert all(torch.equal(model[name], model_again[name]) for name in model)
 
 
 def test_episode_csv_has_one_row_per_episode(tmp_path):
