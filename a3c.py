@@ -62,84 +62,97 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None or action.default is False else super()._get_help_string(action)
 
 
-def number(kind, low=-math.inf, high=math.inf, low_open=True):
-    """An argparse type: a finite int or float in (low, high] (or [low, high] with low_open=False)."""
-    def parse(text):
+class Number:
+    """An argparse type: a finite int or float within [low, high], or (low, high] with low_open. Every numeric flag
+    has both bounds, so that no value can start a run that then fails (a seed numpy refuses, a rate that
+    overflows, a budget of processes or memory no machine has)."""
+
+    def __init__(self, kind, low, high, low_open=False):
+        self.kind, self.low, self.high, self.low_open = kind, low, high, low_open
+
+    def __call__(self, text):
         try:
-            value = kind(text)
+            value = self.kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if self.kind is int else ' number'}")
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{text} is not a finite number")
-        if (value <= low if low_open else value < low) or value > high:
-            rule = f"in {'(' if low_open else '['}{low:g}, {high:g}]" if high < math.inf else \
-                f"{'>' if low_open else '>='} {low:g}"
-            raise argparse.ArgumentTypeError(f"{text} must be {rule}")
+        if value < self.low or (self.low_open and value == self.low) or value > self.high:
+            low, high = (f"{bound:,}" if self.kind is int else f"{bound:g}" for bound in (self.low, self.high))
+            raise argparse.ArgumentTypeError(f"{text} must be in {'(' if self.low_open else '['}{low}, {high}]")
         return value
-    return parse
 
 
-def parse_args(argv=None):
-    """Parse the command line; tests call parse_args([...]) with their own flags."""
-    positive_int, positive, non_negative = number(int, 0), number(float, 0), number(float, 0, low_open=False)
+def make_parser():
+    """The command line's flags, each with its range and default."""
+    count, positive = (lambda high: Number(int, 1, high)), (lambda high: Number(float, 0, high, low_open=True))
     p = OneLineParser(prog="a3c.py", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     add = p.add_argument
-    add("--workers", type=positive_int, default=4, help="worker processes")
+    add("--workers", type=count(256), default=4, help="worker processes")
     add("--mode", choices=["gradient", "data"], default="gradient",
         help="gradient: Hogwild workers; data: workers act, one learner trains")
     add("--env", type=str, default=None, help="Gymnasium id: 1-D Box or uint8 image obs, Discrete or 1-D Box "
         "actions (default: CartPole-v1, or the checkpoint's)")
-    add("--seed", type=number(int), default=0, help="the run's seed: every worker's and env's own seed is drawn from it "
-        "(numpy's SeedSequence), so that runs of different seeds share no stream")
-    add("--lr", type=positive, default=2e-3, help="Adam learning rate")
-    add("--lr-schedule", choices=["constant", "linear"], default=None, help="linear: the rate falls from --lr to 0 "
-        "at --max-steps, counted over the whole run, resumed or not; without --max-steps it stays --lr "
-        "(default: constant, or the checkpoint's)")
-    add("--gamma", type=number(float, 0, 1), default=0.99, help="discount factor, in (0, 1]")
-    add("--n-steps", type=positive_int, default=10, help="steps in each env between two updates")
-    add("--envs-per-worker", type=positive_int, default=4,
+    add("--seed", type=Number(int, 0, 2**32 - 1), default=0, help="the run's seed: every worker's and env's own "
+        "seed is drawn from it (numpy's SeedSequence), so that runs of different seeds share no stream")
+    add("--lr", type=positive(1), default=2e-3, help="Adam learning rate")
+    add("--lr-schedule", choices=["constant", "linear"], default="constant", help="linear: the rate falls from --lr "
+        "to 0 at --max-steps, counted over the whole run, resumed or not; without --max-steps it stays --lr")
+    add("--gamma", type=positive(1), default=0.99, help="discount factor")
+    add("--n-steps", type=count(10_000), default=10, help="steps in each env between two updates")
+    add("--envs-per-worker", type=count(256), default=4,
         help="envs each worker steps together, choosing their actions in one forward pass")
-    add("--entropy-coef", type=non_negative, default=0.01, help="weight of the entropy bonus")
-    add("--value-coef", type=non_negative, default=0.5, help="weight of the value loss")
-    add("--reward-scale", type=positive, default=None, help="the critic learns the values of rewards times this, "
-        "episode returns stay true (default: 0.1, or 1 with --normalize-reward, which has scaled them already)")
-    add("--gae-lambda", type=number(float, 0, 1, low_open=False), default=1.0,
-        help="GAE's lambda, in [0, 1]: 1 gives the paper's n-step returns, 0 one-step TD targets")
+    add("--entropy-coef", type=Number(float, 0, 10), default=0.01, help="weight of the entropy bonus")
+    add("--value-coef", type=Number(float, 0, 10), default=0.5, help="weight of the value loss")
+    add("--reward-scale", type=positive(1000), default=None, help="the critic learns the values of rewards times "
+        "this, episode returns stay true (default: 0.1, or 1 with --normalize-reward, which has scaled them already)")
+    add("--gae-lambda", type=Number(float, 0, 1), default=1.0,
+        help="GAE's lambda: 1 gives the paper's n-step returns, 0 one-step TD targets")
     add("--normalize-obs", action="store_true", help="normalise vector observations by running statistics that "
-        "every worker shares and a checkpoint keeps (default: the checkpoint's)")
+        "every worker shares and a checkpoint keeps")
     add("--normalize-reward", action="store_true", help="divide rewards, for learning only, by a running standard "
-        "deviation of the discounted return, shared and kept like --normalize-obs's (default: the checkpoint's)")
-    add("--log-std-init", type=number(float), default=0.0,
+        "deviation of the discounted return, shared and kept like --normalize-obs's")
+    add("--log-std-init", type=Number(float, -20, 2), default=0.0,
         help="Box actions: the Gaussian's log standard deviation at the start (0: sigma = 1)")
     add("--lstm", action="store_true", help="A3C LSTM: an LSTM between the torso and the heads, its state carried "
-        "from step to step (default: the checkpoint's)")
-    add("--frame-stack", type=positive_int, default=None,
+        "from step to step")
+    add("--frame-stack", type=count(64), default=None,
         help="frames: how many of the last frames an observation holds (default: 4, or the checkpoint's)")
     add("--separate-critic", action="store_true", help="give the value head a torso of its own instead of "
-        "sharing the policy's (default: the checkpoint's)")
-    add("--max-grad-norm", type=positive, default=5.0, help="clip each update's gradient norm")
-    add("--hidden", type=positive_int, default=None,
+        "sharing the policy's")
+    add("--max-grad-norm", type=positive(1000), default=5.0, help="clip each update's gradient norm")
+    add("--hidden", type=count(4096), default=None,
         help="width of the hidden layers (default: 64 for vectors, 256 for frames, or the checkpoint's)")
-    add("--batch-buffers", type=positive_int, default=None, help="data mode: filled rollout buffers (one worker's "
+    add("--batch-buffers", type=count(1024), default=None, help="data mode: filled rollout buffers (one worker's "
         "n-steps x envs-per-worker steps each) per learner update (default: one per worker)")
-    add("--max-episodes", type=positive_int, default=None, help="stop after this many episodes")
-    add("--max-steps", type=positive_int, default=None, help="stop after this many env steps")
-    add("--target-return", type=number(float), default=None, help="stop when the mean return of the last 100 "
-        "episodes reaches it (default: the env's reward_threshold)")
-    add("--log-interval", type=positive, default=2.0, help="seconds between progress lines")
+    add("--max-episodes", type=count(10**12), default=None, help="stop after this many episodes")
+    add("--max-steps", type=count(10**12), default=None, help="stop after this many env steps")
+    add("--target-return", type=Number(float, -1e12, 1e12), default=None, help="stop when the mean return of the "
+        "last 100 episodes reaches it (default: the env's reward_threshold)")
+    add("--log-interval", type=positive(86_400), default=2.0, help="seconds between progress lines")
     add("--log-csv", type=str, default=None, help="write one row per finished episode to this CSV")
     add("--tensorboard", type=str, default=None, metavar="DIR",
         help="write TensorBoard event files to DIR (needs: pip install tensorboard)")
-    add("--save", type=str, default="a3c_model.pth", help="checkpoint written during and after training")
-    add("--save-every", type=positive, default=60.0, help="seconds between checkpoints")
-    add("--resume", type=str, default=None, metavar="PATH", help="continue training from a checkpoint")
+    add("--save", type=str, default="a3c_model.pth",
+        help="checkpoint written during and after training (with --resume: the checkpoint resumed from)")
+    add("--save-every", type=positive(86_400), default=60.0, help="seconds between checkpoints")
+    add("--resume", type=str, default=None, metavar="PATH", help="continue the run a checkpoint saved: its flags are "
+        "the defaults, a flag given again wins")
     add("--eval", type=str, default=None, metavar="PATH",
         help="play --episodes greedy episodes with a checkpoint's policy instead of training")
-    add("--episodes", type=positive_int, default=10, help="episodes to play with --eval")
+    add("--episodes", type=count(10**6), default=10, help="episodes to play with --eval")
     add("--render", action="store_true", help="with --eval: show the env in a window")
     add("--video", type=str, default=None, metavar="DIR",
         help="with --eval: write one MP4 per episode to DIR (needs: pip install moviepy)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None, defaults=None):
+    """Parse the command line; tests call parse_args([...]) with their own flags. defaults replace the parser's
+    (a resumed run's are its checkpoint's)."""
+    parser = make_parser()
+    parser.set_defaults(**(defaults or {}))
+    return parser.parse_args(argv)
 
 
 # --- 2. Environment --------------------------------------------------------------------------------
@@ -480,25 +493,36 @@ class SharedAdam(torch.optim.Adam):
 
     def __init__(self, params, *args, **kwargs):
         super().__init__(params, *args, **kwargs)
-        for group in self.param_groups:  # the state stock Adam would create at its first step, created now
-            for p in group["params"]:
-                state = self.state[p]
-                state["step"] = torch.tensor(0.0)  # a tensor, as current Adam keeps it, and so sharable
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if group["amsgrad"]:
-                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         self.share_memory()
 
     def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)  # which makes new state tensors: share them again
+        """Adam's, which replaces the state with new tensors, or with none for a parameter that had not been updated
+        (a plain Adam saved before its first step): the missing state is created and all of it shared again."""
+        super().load_state_dict(state_dict)
         self.share_memory()
 
     def share_memory(self):
-        for state in self.state.values():
-            for tensor in state.values():
-                tensor.share_memory_()
+        """Give every parameter the state stock Adam would create at its first step, and move it all to shared
+        memory; a worker forked later then updates these tensors, not copies of its own."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)  # a tensor, as current Adam keeps it, and so sharable
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    if group["amsgrad"]:
+                        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                for tensor in state.values():
+                    tensor.share_memory_()
         return self
+
+
+def updates_applied(optimizer):
+    """How many updates an Adam has applied: its step count, the first parameter's (0 before its first step).
+    Hogwild workers may lose an increment to a race now and then, never every one."""
+    state = optimizer.state.get(optimizer.param_groups[0]["params"][0], {})
+    return int(state["step"]) if "step" in state else 0
 
 
 def learning_rate(args, steps):
@@ -1081,6 +1105,11 @@ class UpdateStats:
         return {name: s / n for name, s, n in zip(self.TAGS, self.sums, self.counts) if n > 0}
 
 
+def reached(recent_returns, target_return):
+    """The stop rule of --target-return: the mean of the last 100 episodes reaches it."""
+    return len(recent_returns) >= 100 and sum(recent_returns) / len(recent_returns) >= target_return
+
+
 class Monitor:
     """Episode statistics, progress lines, the episode CSV, TensorBoard and the stop criteria, in both modes; the
     main process alone writes the CSV and the event files."""
@@ -1120,7 +1149,7 @@ class Monitor:
         return sum(self.recent) / len(self.recent) if self.recent else float("nan")
 
     def solved(self):
-        return len(self.recent) == self.recent.maxlen and self.mean_return() >= self.args.target_return
+        return reached(self.recent, self.args.target_return)
 
     def done(self, steps):
         return (self.solved() or (self.args.max_episodes is not None and self.episodes >= self.args.max_episodes)
@@ -1183,9 +1212,14 @@ def train(args, checkpoint=None):
         mode.optimizer.load_state_dict(checkpoint["optimizer"])  # the rate is set again at every update
     monitor = Monitor(args, **counters)
     workers = Workers(ctx, args, mode, steps)
+    updates_before = updates_applied(mode.optimizer)
 
     def save(final=False):
-        """One that cannot be written is a line on stderr: mid-run, training goes on; at the end, exit code 1."""
+        """Only once the run has learned: before its first update, the file at --save (perhaps another run's) is
+        left as it was. One that cannot be written is a line on stderr: mid-run, training goes on; at the end, exit
+        code 1."""
+        if updates_applied(mode.optimizer) == updates_before:
+            return False
         try:
             return save_checkpoint(args.save, shared_model, mode.optimizer, args, steps.total(),
                                    monitor.episodes, monitor.recent)
@@ -1220,7 +1254,8 @@ def train(args, checkpoint=None):
             saved = outcome["save"] and save(final=True)
             monitor.progress(steps.total(), force=True)
             monitor.close()
-    return {**monitor.summary(steps.total()), **outcome, "saved": saved}
+    learned = updates_applied(mode.optimizer) > updates_before
+    return {**monitor.summary(steps.total()), **outcome, "saved": saved, "learned": learned}
 
 
 # --- 12. Evaluation --------------------------------------------------------------------------------
@@ -1282,14 +1317,39 @@ def make_folder(flag, folder):
     check(os.access(folder, os.W_OK), f"{flag} {folder}: cannot write in it")
 
 
-def prepare(args):
-    """Check every input before a process starts, and fill in the defaults that depend on the env or the
-    checkpoint (--env, --hidden, the MODEL_FLAGS, --frame-stack, --lr-schedule, --reward-scale, --target-return);
-    returns the checkpoint to load, if any."""
-    checkpoint, path = None, args.eval or args.resume
-    check(not (args.eval and args.resume), "--eval and --resume exclude each other")
-    if path:
-        checkpoint = load_checkpoint(path)
+RUN_FLAGS = ("resume", "eval", "episodes", "render", "video", "save")  # what a command does, not what it trains
+
+
+def resume_flags(argv, path, checkpoint):
+    """A resumed run's flags: every training flag of the run the checkpoint saved is the default, a flag given
+    again wins, and the run keeps saving to the checkpoint it resumed from unless --save is given. Returns them
+    and the line that says which flags came from the checkpoint and which were given."""
+    parser_defaults = vars(parse_args([]))
+    # frame_stack: prepare() reads it off the model's input (a run of vectors saved an unused 4); a flag the saved
+    # run left unset (None) keeps today's default
+    saved = {name: value for name, value in checkpoint["args"].items()
+             if name in parser_defaults and name not in (*RUN_FLAGS, "frame_stack") and value is not None}
+    # numbers as text, so that argparse checks them as it checks a typed flag: an older a3c.py had other ranges
+    as_typed = {name: str(value) if type(value) in (int, float) else value for name, value in saved.items()}
+    args = parse_args(argv, defaults={**as_typed, "save": path})
+    resumed_defaults = {**parser_defaults, **saved, "save": path}
+
+    def flag(name):
+        value = getattr(args, name)
+        return f"--{name.replace('_', '-')}" + ("" if value is True else f" {value}")
+    from_checkpoint = [flag(name) for name in saved if getattr(args, name) == saved[name] != parser_defaults[name]]
+    given = [flag(name) for name, value in vars(args).items()
+             if name != "resume" and value != resumed_defaults[name]]
+    return args, (f"a3c.py: resuming {path} at step {checkpoint['steps']}; from the checkpoint: "
+                  f"{' '.join(from_checkpoint)}; given: {' '.join(given) or 'none'}")
+
+
+def prepare(args, checkpoint=None):
+    """Check every input before a process starts, and fill in the defaults that depend on the env or on the
+    checkpoint that --eval or --resume names (--env, --hidden, the MODEL_FLAGS, --frame-stack, --reward-scale,
+    --target-return)."""
+    path = args.eval or args.resume
+    if checkpoint is not None:
         check(args.env in (None, checkpoint["env"]),
               f"checkpoint {path} was made for {checkpoint['env']}, not {args.env}")
         check(args.hidden in (None, checkpoint["hidden"]),
@@ -1304,8 +1364,6 @@ def prepare(args):
             check(args.frame_stack in (None, frames),
                   f"checkpoint {path} has --frame-stack {frames}, not {args.frame_stack}")
             args.frame_stack = frames
-    resumed = checkpoint["args"].get("lr_schedule") if args.resume else None  # None: older than the flag
-    args.lr_schedule = args.lr_schedule or resumed or "constant"  # a resumed schedule goes on where it was
     check(not (args.lstm and args.separate_critic),
           "--lstm and --separate-critic exclude each other: the critic's own torso would have no memory")
     args.env = args.env or "CartPole-v1"
@@ -1330,6 +1388,13 @@ def prepare(args):
     check(checkpoint is None or shape == checkpoint_shape(checkpoint),
           f"checkpoint {path} does not fit {args.env}'s observation and action spaces")
     check(args.target_return is not None or args.eval, f"{args.env} has no reward_threshold: give --target-return")
+    if args.resume:  # a run that would stop before its first update
+        check(args.max_steps is None or args.max_steps > checkpoint["steps"], f"checkpoint {path} has taken "
+              f"{checkpoint['steps']} steps, --max-steps {args.max_steps}: give a larger --max-steps")
+        check(args.max_episodes is None or args.max_episodes > checkpoint["episodes"], f"checkpoint {path} has "
+              f"played {checkpoint['episodes']} episodes, --max-episodes {args.max_episodes}: give a larger one")
+        check(not reached(checkpoint["recent_returns"], args.target_return), f"checkpoint {path} has reached "
+              f"--target-return {args.target_return} already: give a higher one")
     if args.tensorboard is not None and not args.eval:
         need_package("torch.utils.tensorboard", "--tensorboard", "tensorboard")
         make_folder("--tensorboard", args.tensorboard)
@@ -1342,13 +1407,18 @@ def prepare(args):
     for flag, out in [("--save", args.save), ("--log-csv", args.log_csv)]:
         folder = os.path.dirname(os.path.abspath(out)) if out and not args.eval else None
         check(not folder or os.access(folder, os.W_OK), f"{flag} {out}: cannot write in {folder}")
-    return checkpoint
 
 
 def main(argv=None):
-    args = parse_args(argv)
     try:
-        checkpoint = prepare(args)
+        args = parse_args(argv)
+        check(not (args.eval and args.resume), "--eval and --resume exclude each other")
+        checkpoint = load_checkpoint(args.eval or args.resume) if args.eval or args.resume else None
+        if args.resume:
+            args, resumed = resume_flags(argv, args.resume, checkpoint)
+        prepare(args, checkpoint)
+        if args.resume:
+            print(resumed, flush=True)
         summary = evaluate(args, checkpoint) if args.eval else train(args, checkpoint)
     except UsageError as e:
         print(f"a3c.py: error: {e}", file=sys.stderr)
@@ -1356,10 +1426,11 @@ def main(argv=None):
     except KeyboardInterrupt:  # before training started, or during --eval (training turns it into a Stop)
         print("a3c.py: interrupted", file=sys.stderr)
         return 130
-    if summary["message"]:
-        kept = "" if args.eval else (f"; checkpoint saved to {args.save}" if summary["saved"]
-                                     else f"; {args.save} keeps the last good checkpoint, if any")
-        print(f"a3c.py: {summary['message']}{kept}", file=sys.stderr, flush=True)
+    kept = None if args.eval else (f"checkpoint saved to {args.save}" if summary["saved"] else
+                                   f"no update was made, so {args.save} was left as it was" if not summary["learned"]
+                                   else f"{args.save} keeps the last good checkpoint, if any")
+    if summary["message"] or not (args.eval or summary["learned"]):
+        print(f"a3c.py: {'; '.join(filter(None, [summary['message'], kept]))}", file=sys.stderr, flush=True)
     print("result: solved={} episodes={} steps={} seconds={:.1f} steps_per_second={:.0f} mean_return={:.1f}".format(
         "yes" if summary["solved"] else "no", summary["episodes"], summary["steps"], summary["seconds"],
         summary["steps_per_second"], summary["mean_return"]), flush=True)

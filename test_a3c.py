@@ -2,6 +2,7 @@
 memory, learning (single-worker convergence first, then the other slow learning tests); then the rest: rollouts
 and the batch loss, GAE, running statistics, the Gaussian policy, the data path, recurrent state, whole runs,
 pixels, diagnostics, and operating it (bad input, checkpoints, signals, crashes)."""
+import contextlib
 import copy
 import csv
 import errno
@@ -192,6 +193,41 @@ def test_shared_adam_stays_shared_after_loading_state():
     for p in model2.parameters():
         assert shared_adam2.state[p]["step"].item() == 1
         assert all(tensor.is_shared() for tensor in shared_adam2.state[p].values())
+
+
+def child_steps(optimizer):
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = torch.ones_like(p)
+    optimizer.step()
+
+
+@pytest.mark.parametrize("steps_before", [0, 3])
+def test_shared_adam_loads_an_empty_or_a_full_state_and_still_shares_it(steps_before):
+    """A plain Adam saved before its first step (data mode's learner stopped early) has no state at all; loaded,
+    every parameter still gets a step and moments in shared memory, so that a forked worker's update is the parent's,
+    and the next state_dict is whole again."""
+    model = small_model("categorical")
+    adam = torch.optim.Adam(model.parameters())
+    for _ in range(steps_before):
+        child_steps(adam)
+    state = adam.state_dict()
+    assert len(state["state"]) == (0 if steps_before == 0 else len(list(model.parameters())))
+    shared_model = small_model("categorical")
+    shared_model.share_memory()
+    shared_adam = a3c.SharedAdam(shared_model.parameters())
+    shared_adam.load_state_dict(state)
+    for p in shared_model.parameters():
+        assert set(shared_adam.state[p]) == {"step", "exp_avg", "exp_avg_sq"}
+        assert all(tensor.is_shared() for tensor in shared_adam.state[p].values())
+        assert shared_adam.state[p]["step"].item() == steps_before
+    child = multiprocessing.get_context("fork").Process(target=child_steps, args=(shared_adam,))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    for p in shared_model.parameters():
+        assert shared_adam.state[p]["step"].item() == steps_before + 1 and shared_adam.state[p]["exp_avg"].abs().sum() > 0
+    assert len(shared_adam.state_dict()["state"]) == len(list(shared_model.parameters()))
 
 
 @pytest.mark.parametrize("schedule, max_steps, expected", [
@@ -1494,9 +1530,12 @@ def test_tensorboard_unwritable_dir_is_one_line_and_exit_2(tmp_path, capsys):
 # --- operating it: bad input, checkpoints, signals, crashes -------------------------------------------
 
 @pytest.mark.parametrize("flags, message", [
-    (["--workers", "0"], "--workers: 0 must be > 0"),
+    (["--workers", "0"], "--workers: 0 must be in [1, 256]"),
     (["--lr", "fast"], "--lr: 'fast' is not a number"),
-    (["--lr", "-0.001"], "--lr: -0.001 must be > 0"),
+    (["--lr", "-0.001"], "--lr: -0.001 must be in (0, 1]"),
+    (["--seed", "-1"], "--seed: -1 must be in [0, 4,294,967,295]"),
+    (["--seed", "4294967296"], "--seed: 4294967296 must be in [0, 4,294,967,295]"),
+    (["--seed", "1.5"], "--seed: '1.5' is not an integer"),
     (["--n-steps", "2.5"], "--n-steps: '2.5' is not an integer"),
     (["--gamma", "1.01"], "--gamma: 1.01 must be in (0, 1]"),
     (["--gamma", "0"], "--gamma: 0 must be in (0, 1]"),
@@ -1561,6 +1600,194 @@ def test_too_little_shared_memory_for_data_mode_is_one_line_and_exit_2(tmp_path,
     monkeypatch.setattr(a3c, "shared_memory_free", lambda: 1 << 20)
     assert a3c.main(["--workers", "1", "--max-steps", "200", "--hidden", "16", "--target-return", "1e9",
                      "--save", str(tmp_path / "m.pth")]) == 0
+
+
+def a_value_past(number, bound):
+    """A value just past a Number's bound (at it, where the bound is open), as text."""
+    if number.kind is int:
+        return str(bound - 1 if bound == number.low else bound + 1)
+    if bound == number.low and number.low_open:
+        return str(bound)
+    return str(bound + (-1 if bound == number.low else 1) * max(abs(bound), 1) * 0.01)
+
+
+def test_every_numeric_flag_is_refused_at_and_past_its_bounds(tmp_path, capsys):
+    """Every numeric flag has a range, read off the parser, so that a flag added later cannot be forgotten: at an
+    open bound, past either bound, nan or infinity, each exits 2 in one line naming the flag before anything starts;
+    the file at --save is unchanged and no process is left. At a closed bound it is accepted."""
+    actions = [a for a in a3c.make_parser()._actions if a.option_strings and a.dest != "help"]
+    assert all(isinstance(a.type, a3c.Number) or a.type in (None, str) for a in actions)  # no unbounded number
+    numbers = [a for a in actions if isinstance(a.type, a3c.Number)]
+    assert len(numbers) >= 21 and all(math.isfinite(a.type.low) and math.isfinite(a.type.high) for a in numbers)
+    path = tmp_path / "model.pth"
+    save_small_checkpoint(path)
+    before = path.read_bytes()
+    for action in numbers:
+        flag, number = action.option_strings[0], action.type
+        bad = [a_value_past(number, number.low), a_value_past(number, number.high), "1e30", "-1e30"]
+        bad += ["1.5"] if number.kind is int else ["nan", "inf", "-inf"]
+        for value in bad:
+            with pytest.raises(SystemExit) as exit_info:
+                a3c.main([f"{flag}={value}", "--save", str(path)])
+            err = capsys.readouterr().err
+            assert exit_info.value.code == 2 and err.count("\n") == 1 and f"argument {flag}: " in err, (flag, value, err)
+        for bound in [number.high] + ([] if number.low_open else [number.low]):
+            assert getattr(a3c.parse_args([f"{flag}={bound}"]), action.dest) == bound
+    assert path.read_bytes() == before and multiprocessing.active_children() == []
+
+
+def test_a_bad_seed_is_refused_before_any_process_starts_and_leaves_the_checkpoint(tmp_path):
+    path = tmp_path / "a3c_model.pth"
+    save_small_checkpoint(path)
+    before = path.read_bytes()
+    proc = subprocess.run([sys.executable, A3C, "--seed", "-1", "--save", str(path)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.count("\n") == 1, proc.stderr
+    assert "--seed: -1 must be in [0," in proc.stderr and path.read_bytes() == before
+
+
+def other_than(action, value):
+    """A value the parser accepts for a flag that takes one, other than value."""
+    if action.choices:
+        candidates = list(action.choices)
+    elif isinstance(action.type, a3c.Number):
+        number = action.type
+        candidates = [number.high, number.low + 1 if number.kind is int else (number.low + number.high) / 2]
+    else:
+        candidates = [f"given-{action.dest}", "given-again"]
+    return next(candidate for candidate in candidates if candidate != value)
+
+
+def test_a_resumed_run_takes_every_training_flag_from_its_checkpoint_and_a_given_flag_wins(tmp_path):
+    """Every flag the parser has, but what a command does (RUN_FLAGS) and --frame-stack (the model's input
+    decides it), comes back from the checkpoint's args as the default; --save defaults to the checkpoint; a flag
+    given again wins. One line says which came from where."""
+    path = str(tmp_path / "run.pth")
+    save_small_checkpoint(path, steps=1234)
+    checkpoint = a3c.load_checkpoint(path)
+    actions = {a.dest: a for a in a3c.make_parser()._actions if a.option_strings and a.dest != "help"}
+    training = [name for name in actions if name not in (*a3c.RUN_FLAGS, "frame_stack")]
+    assert len(training) == 28
+    saved = {name: True if actions[name].type is None and not actions[name].choices  # store_true
+             else other_than(actions[name], actions[name].default) for name in training}
+    checkpoint["args"] = {**checkpoint["args"], **saved,
+                          "save": "elsewhere.pth", "episodes": 77}
+    args, line = a3c.resume_flags(["--resume", path], path, checkpoint)
+    for name in training:
+        assert getattr(args, name) == checkpoint["args"][name], name
+    assert args.save == path and args.episodes == 10 and args.frame_stack is None
+    assert "\n" not in line and line.startswith(f"a3c.py: resuming {path} at step 1234; from the checkpoint: ")
+    assert "--lr 1.0" in line and "--mode data" in line and line.endswith("given: none"), line
+    for name in training:  # given again, the command line's value wins
+        action = actions[name]
+        if action.type is None and not action.choices:
+            continue  # store_true: it cannot be given as off (and a model flag cannot be dropped: prepare() refuses)
+        value = other_than(action, checkpoint["args"][name])
+        args, line = a3c.resume_flags(["--resume", path, f"{action.option_strings[0]}={value}"], path, checkpoint)
+        assert getattr(args, name) == value != checkpoint["args"][name], name
+        assert line.endswith(f"given: {action.option_strings[0]} {getattr(args, name)}"), (name, line)
+    args, line = a3c.resume_flags(["--resume", path, "--save", "new.pth"], path, checkpoint)
+    assert args.save == "new.pth"
+
+
+def test_resuming_a_run_continues_it_where_it_was_saved(tmp_path, monkeypatch, capsys):
+    """The README's Pong case on CartPole: a run with non-default flags, resumed with only a larger budget, goes on
+    with its flags, its CSV and its checkpoint, and writes no a3c_model.pth."""
+    monkeypatch.chdir(tmp_path)
+    flags = ["--workers", "1", "--hidden", "16", "--lr", "0.0005", "--n-steps", "5", "--envs-per-worker", "2",
+             "--max-grad-norm", "0.5", "--reward-scale", "1", "--target-return", "1e9", "--log-csv", "run.csv"]
+    assert a3c.main([*flags, "--max-steps", "3000", "--save", "run.pth"]) == 0
+    first = a3c.load_checkpoint("run.pth")
+    rows = len(open("run.csv").readlines())
+    capsys.readouterr()
+    assert a3c.main(["--resume", "run.pth", "--max-steps", "6000"]) == 0
+    out = capsys.readouterr().out
+    assert "from the checkpoint: --workers 1 --env CartPole-v1 --lr 0.0005 --n-steps 5 --envs-per-worker 2" in out
+    assert "given: --max-steps 6000" in out
+    second = a3c.load_checkpoint("run.pth")
+    assert not os.path.exists("a3c_model.pth") and second["steps"] >= 6000 > first["steps"]
+    for name, value in first["args"].items():
+        assert second["args"][name] == value or name in ("max_steps", "resume"), name
+    assert len(open("run.csv").readlines()) > rows
+
+
+def test_a_checkpoint_whose_flags_are_out_of_range_is_refused_in_one_line(tmp_path, capsys):
+    """The run of `--seed -1` that an older a3c.py started, crashed and saved: resumed, its seed is checked as a
+    typed one is."""
+    path = str(tmp_path / "run.pth")
+    save_small_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["args"]["seed"] = -1
+    torch.save(checkpoint, path)
+    with pytest.raises(SystemExit) as exit_info:
+        a3c.main(["--resume", path])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "--seed: -1 must be in [0," in err, err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-steps", "5000"], "has taken 5000 steps, --max-steps 5000: give a larger --max-steps"),
+    (["--max-episodes", "100"], "has played 100 episodes, --max-episodes 100: give a larger one"),
+    (["--target-return", "400"], "has reached --target-return 400.0 already: give a higher one"),
+])
+def test_resuming_a_run_that_would_stop_at_once_is_refused(flags, message, tmp_path, capsys):
+    path = str(tmp_path / "run.pth")
+    model = a3c.ActorCritic(4, 2, 16)
+    args = a3c.parse_args(["--hidden", "16"])
+    a3c.prepare(args)
+    a3c.save_checkpoint(path, model, torch.optim.Adam(model.parameters()), args, 5000, 100, [450.0] * 100)
+    assert a3c.main(["--resume", path, *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+class StuckAtResetCartPole(CartPoleEnv):
+    """CartPole whose reset never returns: a run stopped before its first update, whatever the machine's speed."""
+
+    def reset(self, *, seed=None, options=None):
+        threading.Event().wait()
+
+
+class BrokenAtResetCartPole(CartPoleEnv):
+    def reset(self, *, seed=None, options=None):
+        raise RuntimeError("the environment broke at once")
+
+
+gym.register("StuckAtResetCartPole-v0", entry_point=StuckAtResetCartPole, max_episode_steps=500, reward_threshold=475.0)
+gym.register("BrokenAtResetCartPole-v0", entry_point=BrokenAtResetCartPole, max_episode_steps=500,
+             reward_threshold=475.0)
+
+
+@pytest.mark.parametrize("mode", ["gradient", "data"])
+def test_a_worker_failing_at_start_up_leaves_the_checkpoint_as_it_was(mode, tmp_path, capfd):
+    path = tmp_path / "model.pth"
+    save_small_checkpoint(path)
+    before = path.read_bytes()
+    code = a3c.main(["--env", "test_a3c:BrokenAtResetCartPole-v0", "--workers", "2", "--mode", mode, "--save",
+                     str(path)])
+    err = capfd.readouterr().err
+    assert code == 1 and "the environment broke at once" in err
+    assert f"no update was made, so {path} was left as it was" in err
+    assert path.read_bytes() == before and multiprocessing.active_children() == []
+
+
+def test_ctrl_c_before_the_first_update_leaves_the_checkpoint_as_it_was(tmp_path):
+    path = tmp_path / "model.pth"
+    save_small_checkpoint(path)
+    before = path.read_bytes()
+    proc = subprocess.Popen([sys.executable, A3C, "--env", "test_a3c:StuckAtResetCartPole-v0", "--workers", "2",
+                             "--log-interval", "0.1", "--save", str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=HERE)
+    try:
+        assert proc.stdout.readline().startswith("episodes=0 steps=0 ")  # training has started, nothing learned
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and err.count("\n") == 1, err
+    assert f"stopped by SIGINT; no update was made, so {path} was left as it was" in err
+    assert path.read_bytes() == before and group_is_empty(proc.pid, 5)
 
 
 def test_cli_bad_input_prints_no_traceback():
@@ -1921,12 +2148,26 @@ def test_workers_exit_when_main_is_killed(training):
     assert len(workers) == 2 and group_is_empty(proc.pid, 10)
 
 
+class InfiniteRewardCartPole(CartPoleEnv):
+    """CartPole whose reward turns infinite after 2,000 steps, once the run has learned: a diverging loss."""
+
+    def step(self, action):
+        self.steps_taken = getattr(self, "steps_taken", 0) + 1
+        obs, reward, terminated, truncated, info = super().step(action)
+        return obs, math.inf if self.steps_taken > 2000 else reward, terminated, truncated, info
+
+
+gym.register("InfiniteRewardCartPole-v0", entry_point=InfiniteRewardCartPole, max_episode_steps=500,
+             reward_threshold=475.0)
+
+
 def test_diverged_training_keeps_last_good_checkpoint(tmp_path):
     path = tmp_path / "model.pth"
     save_small_checkpoint(path)
     before = path.read_bytes()
-    proc = subprocess.run([sys.executable, A3C, "--workers", "2", "--lr", "1e20", "--hidden", "16", "--save", str(path),
-                           "--max-steps", "1000000"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, A3C, "--workers", "2", "--env", "test_a3c:InfiniteRewardCartPole-v0",
+                           "--hidden", "16", "--save", str(path), "--max-steps", "1000000"],
+                          capture_output=True, text=True, timeout=120, cwd=HERE)
     assert proc.returncode == 1
     assert "training diverged" in proc.stderr and "keeps the last good checkpoint" in proc.stderr
     assert "Traceback" not in proc.stderr
