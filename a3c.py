@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import ctypes
 import csv
-import difflib
 import importlib
 import itertools
 import math
@@ -46,7 +45,7 @@ class UsageError(Exception):
     """Bad input: reported in one line, with exit code 2, before any process is started."""
 
 
-def check(ok, message):
+def require(ok, message):
     """A usage rule: broken, it is a UsageError."""
     if not ok:
         raise UsageError(message)
@@ -55,11 +54,6 @@ def check(ok, message):
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # show defaults, but not the empty ones
-        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
 
 
 class Number:
@@ -84,66 +78,48 @@ class Number:
 
 
 def make_parser():
-    """The command line's flags, each with its range and default."""
+    """The command line's flags, each with its range and default; the README's flag table says more of each."""
     count, positive = (lambda high: Number(int, 1, high)), (lambda high: Number(float, 0, high, low_open=True))
-    p = OneLineParser(prog="a3c.py", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    p = OneLineParser(prog="a3c.py", description=__doc__.split("\n")[0],
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
     add("--workers", type=count(256), default=4, help="worker processes")
-    add("--mode", choices=["gradient", "data"], default="gradient",
-        help="gradient: Hogwild workers; data: workers act, one learner trains")
-    add("--env", type=str, default=None, help="Gymnasium id: 1-D Box or uint8 image obs, Discrete or 1-D Box "
-        "actions (default: CartPole-v1, or the checkpoint's)")
-    add("--seed", type=Number(int, 0, 2**32 - 1), default=0, help="the run's seed: every worker's and env's own "
-        "seed is drawn from it (numpy's SeedSequence), so that runs of different seeds share no stream")
-    add("--lr", type=positive(1), default=2e-3, help="Adam learning rate")
-    add("--lr-schedule", choices=["constant", "linear"], default="constant", help="linear: the rate falls from --lr "
-        "to 0 at --max-steps, counted over the whole run, resumed or not; without --max-steps it stays --lr")
+    add("--mode", choices=["gradient", "data"], default="gradient", help="who learns: each worker, or one learner")
+    add("--env", type=str, default=None, help="Gymnasium id (none: CartPole-v1, or the checkpoint's)")
+    add("--seed", type=Number(int, 0, 2**32 - 1), default=0, help="the run's seed, from which every stream's is drawn")
+    add("--lr", type=positive(1), default=2e-3, help="Adam's learning rate")
+    add("--lr-schedule", choices=["constant", "linear"], default="constant", help="linear: to 0 at --max-steps")
     add("--gamma", type=positive(1), default=0.99, help="discount factor")
     add("--n-steps", type=count(10_000), default=10, help="steps in each env between two updates")
-    add("--envs-per-worker", type=count(256), default=4,
-        help="envs each worker steps together, choosing their actions in one forward pass")
+    add("--envs-per-worker", type=count(256), default=4, help="envs each worker steps together")
     add("--entropy-coef", type=Number(float, 0, 10), default=0.01, help="weight of the entropy bonus")
     add("--value-coef", type=Number(float, 0, 10), default=0.5, help="weight of the value loss")
-    add("--reward-scale", type=positive(1000), default=None, help="the critic learns the values of rewards times "
-        "this, episode returns stay true (default: 0.1, or 1 with --normalize-reward, which has scaled them already)")
-    add("--gae-lambda", type=Number(float, 0, 1), default=1.0,
-        help="GAE's lambda: 1 gives the paper's n-step returns, 0 one-step TD targets")
-    add("--normalize-obs", action="store_true", help="normalise vector observations by running statistics that "
-        "every worker shares and a checkpoint keeps")
-    add("--normalize-reward", action="store_true", help="divide rewards, for learning only, by a running standard "
-        "deviation of the discounted return, shared and kept like --normalize-obs's")
-    add("--log-std-init", type=Number(float, -20, 2), default=0.0,
-        help="Box actions: the Gaussian's log standard deviation at the start (0: sigma = 1)")
-    add("--lstm", action="store_true", help="A3C LSTM: an LSTM between the torso and the heads, its state carried "
-        "from step to step")
-    add("--frame-stack", type=count(64), default=None,
-        help="frames: how many of the last frames an observation holds (default: 4, or the checkpoint's)")
-    add("--separate-critic", action="store_true", help="give the value head a torso of its own instead of "
-        "sharing the policy's")
+    add("--reward-scale", type=positive(1000), default=None, help="rewards times this for the critic "
+        "(none: 0.1, or 1 with --normalize-reward)")
+    add("--gae-lambda", type=Number(float, 0, 1), default=1.0, help="GAE's lambda (1: the paper's n-step returns)")
+    add("--normalize-obs", action="store_true", help="normalise vector observations by shared running statistics")
+    add("--normalize-reward", action="store_true", help="divide rewards by the discounted return's running std")
+    add("--log-std-init", type=Number(float, -20, 2), default=0.0, help="Box actions: the Gaussian's initial log std")
+    add("--lstm", action="store_true", help="A3C LSTM: an LSTM core between the torso and the heads")
+    add("--frame-stack", type=count(64), default=None, help="frames an observation holds (none: 4)")
+    add("--separate-critic", action="store_true", help="a torso of its own for the value head")
     add("--max-grad-norm", type=positive(1000), default=5.0, help="clip each update's gradient norm")
-    add("--hidden", type=count(4096), default=None,
-        help="width of the hidden layers (default: 64 for vectors, 256 for frames, or the checkpoint's)")
-    add("--batch-buffers", type=count(1024), default=None, help="data mode: filled rollout buffers (one worker's "
-        "n-steps x envs-per-worker steps each) per learner update (default: one per worker)")
+    add("--hidden", type=count(4096), default=None, help="hidden width (none: 64 for vectors, 256 for frames)")
+    add("--batch-buffers", type=count(1024), default=None, help="data mode: buffers per update (none: --workers)")
     add("--max-episodes", type=count(10**12), default=None, help="stop after this many episodes")
     add("--max-steps", type=count(10**12), default=None, help="stop after this many env steps")
-    add("--target-return", type=Number(float, -1e12, 1e12), default=None, help="stop when the mean return of the "
-        "last 100 episodes reaches it (default: the env's reward_threshold)")
+    add("--target-return", type=Number(float, -1e12, 1e12), default=None,
+        help="stop when the mean of the last 100 episodes reaches it (none: the env's reward_threshold)")
     add("--log-interval", type=positive(86_400), default=2.0, help="seconds between progress lines")
     add("--log-csv", type=str, default=None, help="write one row per finished episode to this CSV")
-    add("--tensorboard", type=str, default=None, metavar="DIR",
-        help="write TensorBoard event files to DIR (needs: pip install tensorboard)")
-    add("--save", type=str, default="a3c_model.pth",
-        help="checkpoint written during and after training (with --resume: the checkpoint resumed from)")
+    add("--tensorboard", type=str, default=None, metavar="DIR", help="write TensorBoard event files to DIR")
+    add("--save", type=str, default="a3c_model.pth", help="the checkpoint (with --resume: the one resumed from)")
     add("--save-every", type=positive(86_400), default=60.0, help="seconds between checkpoints")
-    add("--resume", type=str, default=None, metavar="PATH", help="continue the run a checkpoint saved: its flags are "
-        "the defaults, a flag given again wins")
-    add("--eval", type=str, default=None, metavar="PATH",
-        help="play --episodes greedy episodes with a checkpoint's policy instead of training")
+    add("--resume", type=str, default=None, metavar="PATH", help="continue the run a checkpoint saved, with its flags")
+    add("--eval", type=str, default=None, metavar="PATH", help="play greedy episodes with a checkpoint's policy")
     add("--episodes", type=count(10**6), default=10, help="episodes to play with --eval")
     add("--render", action="store_true", help="with --eval: show the env in a window")
-    add("--video", type=str, default=None, metavar="DIR",
-        help="with --eval: write one MP4 per episode to DIR (needs: pip install moviepy)")
+    add("--video", type=str, default=None, metavar="DIR", help="with --eval: write one MP4 per episode to DIR")
     return p
 
 
@@ -241,7 +217,7 @@ def observation_batch(observations):
     return obs if obs.dtype == np.uint8 else obs.astype(np.float32)
 
 
-def model_shape(env):
+def env_spaces(env):
     """What ActorCritic needs to know of an env: obs_size (a vector's length, or stacked frames' (C, H, W)),
     n_actions (Discrete: the choices; Box: the dimensions) and continuous."""
     space, shape = env.action_space, env.observation_space.shape
@@ -288,7 +264,7 @@ class RunningMeanStd(nn.Module):
 
 class CategoricalHead(nn.Module):
     """Discrete actions: one logit per action, pi(.|s) = softmax(logits)."""
-    action_dtype = np.int64
+    action_dtype = torch.int64
 
     def __init__(self, hidden, n_actions):
         super().__init__()
@@ -308,7 +284,7 @@ class CategoricalHead(nn.Module):
     def sample(self, logits, rng):  # Gumbel-max: an exact sample of softmax(logits), cheaper than torch's on a few rows
         return np.argmax(logits + rng.gumbel(size=logits.shape), axis=1)  # [K]
 
-    def mode(self, logits):
+    def most_probable(self, logits):
         return np.argmax(logits, axis=1)
 
     def bound_loss(self, logits):  # any logits are a distribution
@@ -318,7 +294,7 @@ class CategoricalHead(nn.Module):
 class GaussianHead(nn.Module):
     """Box actions, scaled to [-1, 1] by make_env: a ~ N(mean(s), sigma^2) in each dimension, the mean linear (as in
     the paper, and kept near the box by bound_loss), log sigma a parameter; the env clips the samples."""
-    action_dtype = np.float32
+    action_dtype = torch.float32
 
     def __init__(self, hidden, action_dims, log_std_init=0.0):
         super().__init__()
@@ -341,7 +317,7 @@ class GaussianHead(nn.Module):
         std = np.exp(self.log_std.detach().numpy())  # [D]
         return (mean + std * rng.standard_normal(mean.shape)).astype(np.float32)  # [K, D], not clipped
 
-    def mode(self, mean):
+    def most_probable(self, mean):
         return mean
 
     def bound_loss(self, mean):
@@ -404,11 +380,11 @@ class LSTMCore(nn.Module):
             h, c = self.step(input_gates, h, c)
             return features + h, torch.cat([h, c], dim=1)
         valid = torch.arange(max(lengths)) < torch.as_tensor(lengths)[:, None]  # [n, T]: sequence i has a step t
-        steps = input_gates.new_zeros(*valid.shape, input_gates.shape[1])
-        steps[valid] = input_gates
+        padded_gates = input_gates.new_zeros(*valid.shape, input_gates.shape[1])  # [n, T, 4 * hidden]
+        padded_gates[valid] = input_gates
         outputs = []
         for t in range(valid.shape[1]):  # learning: step t of every sequence at once
-            h_next, c_next = self.step(steps[:, t], h, c)
+            h_next, c_next = self.step(padded_gates[:, t], h, c)
             going = valid[:, t:t + 1]  # a sequence that has ended keeps its last state
             h, c = torch.where(going, h_next, h), torch.where(going, c_next, c)
             outputs.append(h)
@@ -419,12 +395,10 @@ MODEL_FLAGS = ("normalize_obs", "normalize_reward", "separate_critic", "lstm")  
 
 
 class ActorCritic(nn.Module):
-    """A torso, a core, a policy head and a value head V(s); the running statistics, part of the trained agent.
-
-    The file's three choices are made here and nowhere else: the observation picks the torso (two tanh layers
-    for a vector, ConvTorso for frames), lstm the core, the action space the policy head. Everything after
-    calls the head's sample, mode and log_prob_entropy and passes the core state along, whatever its size.
-    """
+    """A torso, a core, a policy head, a value head V(s) and the running statistics. The file's three choices are
+    made here and nowhere else: the observation picks the torso (two tanh layers for a vector, ConvTorso for
+    frames), --lstm the core, the action space the policy head; everything after calls the head's sample,
+    most_probable and log_prob_entropy, and passes the core state along whatever its size."""
 
     def __init__(self, obs_size, n_actions, hidden=64, continuous=False, normalize_obs=False,
                  normalize_reward=False, separate_critic=False, lstm=False, log_std_init=0.0):
@@ -468,14 +442,14 @@ class ActorCritic(nn.Module):
     def initial_core_state(self, n):
         return torch.zeros(n, self.core.state_size)  # [n, state_size]: an episode starts from zero
 
-    def reward_scale(self):
-        """The factor on rewards for the critic: 1 / the discounted return's running std (VecNormalize's rule), or 1."""
+    def reward_normalization(self):
+        """--normalize-reward's factor on rewards: 1 / the discounted return's running std (VecNormalize's), or 1."""
         return 1.0 if self.return_stats is None else 1.0 / self.return_stats.std().item()
 
 
-def new_model(shape, args):
-    """The ActorCritic for an env's model_shape (or a checkpoint's), shaped by the flags."""
-    return ActorCritic(**shape, hidden=args.hidden, log_std_init=args.log_std_init,
+def new_model(spaces, args):
+    """The ActorCritic for an env's spaces (env_spaces, or a checkpoint's), shaped by the flags."""
+    return ActorCritic(**spaces, hidden=args.hidden, log_std_init=args.log_std_init,
                        **{flag: getattr(args, flag) for flag in MODEL_FLAGS})
 
 
@@ -518,26 +492,15 @@ class SharedAdam(torch.optim.Adam):
         return self
 
 
-def updates_applied(optimizer):
-    """How many updates an Adam has applied: its step count, the first parameter's (0 before its first step).
-    Hogwild workers may lose an increment to a race now and then, never every one."""
-    state = optimizer.state.get(optimizer.param_groups[0]["params"][0], {})
-    return int(state["step"]) if "step" in state else 0
-
-
-def learning_rate(args, steps):
-    """Adam's rate after steps env steps of the run (a resumed run counts its checkpoint's): --lr, or with
-    --lr-schedule linear lr (1 - steps / max_steps), as CleanRL's anneal_lr, so that the last updates refine
-    what was learned instead of shaking it."""
-    if args.lr_schedule == "constant" or args.max_steps is None:
-        return args.lr
-    return args.lr * max(0.0, 1.0 - steps / args.max_steps)
-
-
-def set_learning_rate(optimizer, lr):
-    """Give every param group the rate (a float: the fused kernel takes it as it is); returns it, for the stats."""
+def set_learning_rate(optimizer, args, steps):
+    """Give every param group Adam's rate after steps env steps of the run (a resumed run counts its checkpoint's)
+    and return it: --lr, or with --lr-schedule linear lr (1 - steps / max_steps), as CleanRL's anneal_lr, so that
+    the last updates refine what was learned instead of shaking it."""
+    lr = args.lr
+    if args.lr_schedule == "linear" and args.max_steps is not None:
+        lr = args.lr * max(0.0, 1.0 - steps / args.max_steps)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr  # a float: the fused kernel takes it as it is
     return lr
 
 
@@ -556,9 +519,8 @@ class RolloutBuffer(NamedTuple):
     def allocate(cls, model, n_steps, n_envs, shared=False):
         size = model.config["obs_size"]  # frames stay uint8 (observation_batch)
         obs_shape, obs_dtype = ((size,), torch.float32) if isinstance(size, int) else (size, torch.uint8)
-        action_dtype = torch.from_numpy(np.empty(0, model.policy.action_dtype)).dtype
         buffer = cls(torch.zeros(n_steps, n_envs, *obs_shape, dtype=obs_dtype),
-                     torch.zeros(n_steps, n_envs, *model.policy.action_shape, dtype=action_dtype),
+                     torch.zeros(n_steps, n_envs, *model.policy.action_shape, dtype=model.policy.action_dtype),
                      torch.zeros(n_steps, n_envs), torch.zeros(n_steps, n_envs, *obs_shape, dtype=obs_dtype),
                      torch.zeros(n_steps, n_envs, model.core.state_size))
         return cls(*(field.share_memory_() for field in buffer)) if shared else buffer
@@ -568,9 +530,9 @@ class RolloutBuffer(NamedTuple):
 
 
 class Rollout(NamedTuple):
-    """One rollout of Alg. S3: env k's steps start .. stop - 1 in a RolloutBuffer, ended with its episode or
-    with the buffer, so that only its last step can need a bootstrap."""
-    env: int
+    """One rollout of Alg. S3: the steps start .. stop - 1 of the worker's env env_index in a RolloutBuffer, ended
+    with its episode or with the buffer, so that only its last step can need a bootstrap."""
+    env_index: int
     start: int
     stop: int
     terminated: bool  # the episode ended in a terminal state: R_T = 0; else (time limit or cut) R_T = V(s_T)
@@ -584,12 +546,15 @@ def collect_rollouts(envs, model, obs, core_state, buffer, rng):
     views = buffer.numpy()
     n_steps, starts, rollouts = len(views.obs), [0] * len(envs), []  # starts: where each env's open rollout began
     for t in range(n_steps):
-        views.obs[t], views.core_state[t] = obs, core_state
+        views.obs[t] = obs
+        views.core_state[t] = core_state
         with torch.inference_mode():  # a_k ~ pi(.|s_k) for every env k at once
             head_out, _, next_core_state = model(torch.from_numpy(obs), torch.from_numpy(core_state))
-        views.actions[t], core_state[:] = model.policy.sample(head_out.numpy(), rng), next_core_state.numpy()
+        views.actions[t] = model.policy.sample(head_out.numpy(), rng)
+        core_state[:] = next_core_state.numpy()
         for k, env in enumerate(envs):
-            next_obs, views.rewards[t, k], terminated, truncated, info = env.step(views.actions[t, k])
+            next_obs, reward, terminated, truncated, info = env.step(views.actions[t, k])
+            views.rewards[t, k] = reward
             if terminated or truncated:
                 views.final_obs[t, k] = next_obs
                 episode = (float(info["episode"]["r"]), int(info["episode"]["l"]))
@@ -628,16 +593,17 @@ def gae_advantages(rewards, values, bootstrap_value, gamma, lam):
     return torch.tensor(advantages, dtype=torch.float32)
 
 
-def a3c_loss(log_probs, entropy, values, returns, value_coef, entropy_coef):
+def a3c_loss(log_probs, entropy, values, returns, value_coef, entropy_coef, bound_loss=0.0):
     """Alg. S3's loss, -log pi(a_t|s_t) A_t + value_coef (R_t - V(s_t))^2 / 2 - entropy_coef H(pi(.|s_t)), with
     A_t = R_t - V(s_t) detached so that the policy term does not train the critic; a mean where Alg. S3 sums, so
-    that the right learning rate does not depend on the batch's size. Args [T] each -> loss, its terms (floats)."""
+    that the right learning rate does not depend on the batch's size. Plus bound_loss, the Gaussian head's pull
+    on a mean past the action box (0 for discrete actions). Args [T] each -> loss, its terms (floats)."""
     assert log_probs.dim() == 1 and log_probs.shape == entropy.shape == values.shape == returns.shape  # [T] each
     advantages = (returns - values).detach()  # [T]
     policy_loss = -(log_probs * advantages).mean()
     value_loss = 0.5 * (returns - values).pow(2).mean()
     entropy = entropy.mean()
-    loss = policy_loss + value_coef * value_loss - entropy_coef * entropy
+    loss = policy_loss + value_coef * value_loss - entropy_coef * entropy + bound_loss
     return loss, {"policy_loss": policy_loss.item(), "value_loss": value_loss.item(), "entropy": entropy.item()}
 
 
@@ -647,65 +613,60 @@ def explained_variance(values, returns):
     return math.nan if variance == 0 else 1 - (returns - values).var(correction=0).item() / variance
 
 
-def replay(model, rollouts):
-    """The learning pass over rollouts [(buffer views, Rollout), ...] laid end to end, each from the core state its
-    worker had (data: truncated backpropagation through time) -> head outputs [N, ...], V(s_t) [N], V(s_T) [n]
-    (a pass of its own, without gradient: it is part of the target)."""
-    obs = torch.from_numpy(np.concatenate([buffer.obs[r.start:r.stop, r.env] for buffer, r in rollouts]))
-    core_states = torch.from_numpy(np.stack([buffer.core_state[r.start, r.env] for buffer, r in rollouts]))
+def learning_pass(model, rollouts):
+    """The network run again over the steps it acted on, this time with autograd: acting ran without it (it is
+    cheaper), and in data mode in another process, whose graph the learner could not backpropagate through.
+    rollouts [(buffer views, Rollout), ...] laid end to end, each from the core state its worker had (truncated
+    backpropagation through time) -> head outputs [N, ...], V(s_t) [N], V(s_T) [n] (a pass of its own, without
+    gradient: it is part of the target)."""
+    obs = torch.from_numpy(np.concatenate([buffer.obs[r.start:r.stop, r.env_index] for buffer, r in rollouts]))
+    core_states = torch.from_numpy(np.stack([buffer.core_state[r.start, r.env_index] for buffer, r in rollouts]))
     head_out, values, final_core_states = model(obs, core_states, [r.stop - r.start for _, r in rollouts])
     with torch.no_grad():
-        final_obs = torch.from_numpy(np.stack([buffer.final_obs[r.stop - 1, r.env] for buffer, r in rollouts]))
+        final_obs = torch.from_numpy(np.stack([buffer.final_obs[r.stop - 1, r.env_index] for buffer, r in rollouts]))
         _, final_values, _ = model(final_obs, final_core_states)
     return head_out, values, final_values
 
 
 def rollout_loss(model, batch, gamma, value_coef, entropy_coef, reward_scale=1.0, gae_lambda=1.0):
     """The loss both modes train with: a3c_loss of a batch [(RolloutBuffer, [Rollout, ...]), ...], and its statistics.
-    The critic learns the values of scaled rewards: that keeps the best policy and sets the value loss's weight."""
+    The critic learns returns of rewards multiplied by reward_scale (and by --normalize-reward's factor): scaling
+    every reward by one factor leaves the best policy as it is, and keeps the value loss in a range where
+    value_coef means the same from task to task. V is therefore in scaled units, the bootstrap V(s_T) included."""
     rollouts = [(buffer.numpy(), r) for buffer, buffer_rollouts in batch for r in buffer_rollouts]
-    head_out, values, final_values = replay(model, rollouts)
-    scale, values_seen = reward_scale * model.reward_scale(), values.detach().numpy()
+    head_out, values, final_values = learning_pass(model, rollouts)
+    scale, values_seen = reward_scale * model.reward_normalization(), values.detach().numpy()
     returns, start = [], 0
     for (buffer, r), final_value in zip(rollouts, final_values.tolist()):
-        rewards = buffer.rewards[r.start:r.stop, r.env] * scale
+        rewards = buffer.rewards[r.start:r.stop, r.env_index] * scale
         v = values_seen[start:start + len(rewards)]  # this rollout's V(s_t)
-        bootstrap = 0.0 if r.terminated else final_value  # nothing follows a terminal state
+        bootstrap = 0.0 if r.terminated else final_value  # nothing follows a terminal state; V is already scaled
         if gae_lambda == 1:  # the paper's n-step returns R_t
             returns.append(n_step_returns(rewards, bootstrap, gamma))
         else:  # GAE's R_t = A_t + V(s_t)
             returns.append(gae_advantages(rewards, v, bootstrap, gamma, gae_lambda) + torch.from_numpy(v))
         start += len(rewards)
     returns = torch.cat(returns)
-    actions = torch.from_numpy(np.concatenate([buffer.actions[r.start:r.stop, r.env] for buffer, r in rollouts]))
+    actions = torch.from_numpy(np.concatenate([buffer.actions[r.start:r.stop, r.env_index] for buffer, r in rollouts]))
     log_probs, entropy = model.policy.log_prob_entropy(head_out, actions)
-    loss, stats = a3c_loss(log_probs, entropy, values, returns, value_coef, entropy_coef)
-    loss = loss + model.policy.bound_loss(head_out)  # 0 for the logits, and for a Gaussian mean inside the box
-    return loss, {**stats, "explained_variance": explained_variance(values.detach(), returns)}
-
-
-def check_finite(loss):
-    """Stop before a NaN or an infinity reaches the weights: nothing learns from it, and it spreads."""
-    if not torch.isfinite(loss):
+    loss, stats = a3c_loss(log_probs, entropy, values, returns, value_coef, entropy_coef,
+                           model.policy.bound_loss(head_out))
+    if not torch.isfinite(loss):  # stop before it reaches the weights: nothing learns from it, and it spreads
         raise FloatingPointError(f"the loss is {loss.item()}: training diverged (try a smaller --lr)")
+    return loss, {**stats, "explained_variance": explained_variance(values.detach(), returns)}
 
 
 # --- 7. Workers ------------------------------------------------------------------------------------
 # A worker is a generator of (env steps taken, message for the main process or None); section 9 runs it in a
-# process until training stops. A mode (Hogwild, Learner) is what train() needs of one way to train: worker,
-# worker_args(rank) (what it takes after rank and args), receive(message, monitor, steps) and optimizer.
-
-def sync_model(local_model, shared_model):
-    """Copy the shared weights, and running statistics if any, into the local model in place."""
-    with torch.no_grad():
-        for local, shared in zip([*local_model.parameters(), *local_model.buffers()],
-                                 [*shared_model.parameters(), *shared_model.buffers()]):
-            local.copy_(shared)
-
+# process until training stops.
 
 def hogwild_update(local_model, shared_model, optimizer, loss, max_grad_norm):
     """Backpropagate into the local model and hand the gradient to the shared one without a lock (Hogwild: updates
-    lost now and then cost little), on every update: zero_grad() sets it to None, so aliased once it would sum."""
+    lost now and then cost little). The well-known A3C ports make the shared .grad the local gradient tensor itself
+    and clear it by zeroing the shared model's gradients, which zeroed that one tensor. Since torch 2, zero_grad()
+    sets .grad to None instead: the local gradient is never cleared, and each update applies the sum of all the
+    gradients so far (g, 2g, 3g ...). Here the local gradient is cleared before each backward pass, and the shared
+    .grad set from it at every update."""
     local_model.zero_grad()
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(local_model.parameters(), max_grad_norm)
@@ -725,17 +686,8 @@ def update_statistics(shared_model, buffer, rollouts, discounted, gamma):
         for t, rewards in enumerate(buffer.rewards.numpy()):
             discounted[:] = gamma * discounted + rewards
             seen[t] = discounted
-            discounted[[r.env for r in rollouts if r.stop == t + 1 and r.episode is not None]] = 0.0
+            discounted[[r.env_index for r in rollouts if r.stop == t + 1 and r.episode is not None]] = 0.0
         shared_model.return_stats.update(seen.reshape(-1))
-
-
-def run_seeds(seed, first_step, workers, envs_per_worker):
-    """[worker seed, its envs' seeds] for each worker, drawn from the run's seed by numpy's SeedSequence, so that no
-    two streams of a run, nor of runs with different seeds, are the same (with seed + i, worker i of run s would be
-    worker 0 of run s + i). A resumed run (first_step > 0) draws new ones, not those its first part began with."""
-    workers_sequences = np.random.SeedSequence([seed, first_step]).spawn(workers)
-    return [[int(child.generate_state(1, np.uint64)[0]) for child in worker.spawn(1 + envs_per_worker)]
-            for worker in workers_sequences]
 
 
 def worker_setup(args, seeds):
@@ -746,44 +698,31 @@ def worker_setup(args, seeds):
     rng = np.random.default_rng(worker_seed)
     envs = [make_env(args.env, seed, frame_stack=args.frame_stack) for seed in env_seeds]
     obs = observation_batch([env.reset(seed=seed)[0] for env, seed in zip(envs, env_seeds)])
-    model = new_model(model_shape(envs[0]), args)
+    model = new_model(env_spaces(envs[0]), args)
     return envs, model, obs, model.initial_core_state(len(envs)).numpy(), np.zeros(len(envs)), rng
 
 
 def gradient_worker(rank, args, seeds, shared_model, optimizer, steps):
-    """Alg. S3's actor-learner: copy the shared weights, act, compute the gradient, apply it to the shared model
-    at the rate of the run's step count (steps.total(), a StepCounter of section 9); yields (steps, (rank, the
-    episodes that ended, the update's statistics))."""
+    """Alg. S3's actor-learner thread, as a process; one pass of the loop is one of its updates:
+      dtheta <- 0; theta' = theta         hogwild_update's zero_grad; local_model.load_state_dict (below)
+      act until terminal s_t or t_max     collect_rollouts, t_max = --n-steps (an episode's end closes a rollout)
+      R = 0 or V(s_t); R <- r_i + gamma R rollout_loss, through n_step_returns (or GAE, --gae-lambda < 1)
+      dtheta += grad log pi (R - V), ...  a3c_loss (a mean over the steps), then loss.backward()
+      asynchronous update of theta        hogwild_update: the shared .grad, SharedAdam.step(), no lock
+      T <- T + 1 for each step            steps, the run's StepCounter (section 9), which sets the rate
+    Alg. S3 is --envs-per-worker 1; with the default 4, one update covers a rollout of each of 4 envs, of unequal
+    lengths where an episode ended. Yields (steps, (rank, the episodes that ended, the update's statistics))."""
     envs, local_model, obs, core_state, discounted, rng = worker_setup(args, seeds)
     buffer = RolloutBuffer.allocate(local_model, args.n_steps, len(envs))
     while True:
-        sync_model(local_model, shared_model)
+        local_model.load_state_dict(shared_model.state_dict())  # theta' = theta (and the running statistics)
         rollouts = collect_rollouts(envs, local_model, obs, core_state, buffer, rng)
         loss, update = rollout_loss(local_model, [(buffer, rollouts)], args.gamma, args.value_coef,
                                     args.entropy_coef, args.reward_scale, args.gae_lambda)
-        check_finite(loss)
-        update["learning_rate"] = set_learning_rate(optimizer, learning_rate(args, steps.total()))
+        update["learning_rate"] = set_learning_rate(optimizer, args, steps.total())
         update["grad_norm"] = hogwild_update(local_model, shared_model, optimizer, loss, args.max_grad_norm)
         update_statistics(shared_model, buffer, rollouts, discounted, args.gamma)
         yield args.n_steps * len(envs), (rank, [r.episode for r in rollouts if r.episode is not None], update)
-
-
-class Hogwild:
-    """Gradient mode: the workers learn on their own, through SharedAdam; their messages feed the monitor."""
-    worker = staticmethod(gradient_worker)
-
-    def __init__(self, args, shared_model, ctx, steps):
-        self.shared_model, self.steps = shared_model, steps
-        self.optimizer = SharedAdam(shared_model.parameters(), lr=args.lr, fused=True)  # fused: one kernel for all
-
-    def worker_args(self, rank):
-        return self.shared_model, self.optimizer, self.steps
-
-    def receive(self, message, monitor, steps):
-        rank, episodes, update = message
-        for episode in episodes:
-            monitor.add_episode(rank, *episode, steps)
-        monitor.stats.add(update)
 
 
 def data_worker(rank, args, seeds, shared_model, policy_version, buffers, free_buffers):
@@ -795,7 +734,7 @@ def data_worker(rank, args, seeds, shared_model, policy_version, buffers, free_b
         while not free_buffers.acquire(timeout=0.1):
             yield 0, None
         version = policy_version.value  # read first: the weights copied next are at least this new
-        sync_model(local_model, shared_model)
+        local_model.load_state_dict(shared_model.state_dict())
         rollouts = collect_rollouts(envs, local_model, obs, core_state, buffers[index], rng)
         update_statistics(shared_model, buffers[index], rollouts, discounted, args.gamma)
         yield args.n_steps * len(envs), (rank, index, version, rollouts)
@@ -803,36 +742,31 @@ def data_worker(rank, args, seeds, shared_model, policy_version, buffers, free_b
 
 # --- 8. Learner (data mode) ------------------------------------------------------------------------
 
+def buffers_per_worker(args):
+    """A batch's buffers are held until learned from: one more per worker lets each act meanwhile."""
+    return math.ceil((args.batch_buffers or args.workers) / args.workers) + 1
+
+
 class Learner:
     """Data mode, in the main process: the single writer of the weights. It owns the RolloutBuffers (a few per
     worker, in shared memory), a semaphore per worker counting its free ones and the policy version, and learns
     once --batch-buffers messages have come."""
-    worker = staticmethod(data_worker)
 
     def __init__(self, args, shared_model, ctx, steps):
         self.args, self.shared_model, self.steps = args, shared_model, steps
         self.optimizer = torch.optim.Adam(shared_model.parameters(), lr=args.lr, fused=True)
         self.version = ctx.Value("q", 0, lock=False)  # written by the learner alone
         self.batch_size = args.batch_buffers or args.workers
-        # a batch's buffers are held until learned from: one more per worker lets each act meanwhile
-        per_worker = math.ceil(self.batch_size / args.workers) + 1
-        one = sum(field.nbytes for field in RolloutBuffer.allocate(shared_model, args.n_steps, args.envs_per_worker))
-        require_shared_memory(one * per_worker * args.workers)  # section 9: a usage error, before any process starts
+        per_worker = buffers_per_worker(args)
         self.buffers = [[RolloutBuffer.allocate(shared_model, args.n_steps, args.envs_per_worker, shared=True)
                          for _ in range(per_worker)] for _ in range(args.workers)]
         self.free_buffers = [ctx.Semaphore(per_worker) for _ in range(args.workers)]
         self.batch = []  # messages (rank, index, version, rollouts) not learned from yet
 
-    def worker_args(self, rank):
-        return self.shared_model, self.version, self.buffers[rank], self.free_buffers[rank]
-
-    def receive(self, message, monitor, steps):
-        rank, _, _, rollouts = message
-        for episode in (r.episode for r in rollouts if r.episode is not None):
-            monitor.add_episode(rank, *episode, steps)
+    def receive(self, message):
+        """Take a worker's message; once the batch is full, learn: returns the update's statistics, else None."""
         self.batch.append(message)
-        if len(self.batch) == self.batch_size:
-            monitor.stats.add(self.learn())
+        return self.learn() if len(self.batch) == self.batch_size else None
 
     def learn(self):
         """One gradient step on the batch under the current weights; then its buffers go back to the workers. No
@@ -841,8 +775,7 @@ class Learner:
         batch = [(self.buffers[rank][index], rollouts) for rank, index, _, rollouts in self.batch]
         loss, update = rollout_loss(self.shared_model, batch, args.gamma, args.value_coef, args.entropy_coef,
                                     args.reward_scale, args.gae_lambda)
-        check_finite(loss)
-        update["learning_rate"] = set_learning_rate(self.optimizer, learning_rate(args, self.steps.total()))
+        update["learning_rate"] = set_learning_rate(self.optimizer, args, self.steps.total())
         self.optimizer.zero_grad()
         loss.backward()
         update["grad_norm"] = nn.utils.clip_grad_norm_(self.shared_model.parameters(), args.max_grad_norm).item()
@@ -887,9 +820,9 @@ def require_shared_memory(needed):
     """Refuse rollout buffers the shared-memory file system cannot hold, before any process starts: torch
     would fail halfway with a traceback. A container's is often small (Docker's default: 64 MB)."""
     free = shared_memory_free()
-    check(free is None or needed <= free, f"data mode's rollout buffers need {needed / 2**20:.1f} MiB of shared "
-          f"memory and {SHARED_MEMORY} has {(free or 0) / 2**20:.1f} MiB free: lower --workers, --envs-per-worker "
-          f"or --n-steps, or enlarge {SHARED_MEMORY} (docker run --shm-size)")
+    require(free is None or needed <= free, f"data mode's rollout buffers need {needed / 2**20:.1f} MiB of shared "
+            f"memory and {SHARED_MEMORY} has {(free or 0) / 2**20:.1f} MiB free: lower --workers, --envs-per-worker "
+            f"or --n-steps, or enlarge {SHARED_MEMORY} (docker run --shm-size)")
 
 
 DIVERGED = 3  # a worker's exit code when its loss stopped being finite
@@ -944,9 +877,10 @@ class Stop(Exception):
 
 
 class StopSignals:
-    """SIGINT and SIGTERM while training: the handler only notes the signal and the loop acts on it (check), at
-    least every 0.1 s. Raised at once, it could land halfway through reading a message and break the clean-up
-    that drains the queue; a second signal during the clean-up is noted too, and cannot cut it short."""
+    """SIGINT and SIGTERM while training: the handler only notes the signal and the loop acts on it
+    (raise_if_received), at least every 0.1 s. Raised at once, it could land halfway through reading a message
+    and break the clean-up that drains the queue; a second signal during the clean-up is noted too, and cannot cut
+    it short."""
 
     def __enter__(self):
         self.received = None
@@ -956,7 +890,7 @@ class StopSignals:
     def note(self, signum, frame):
         self.received = signum
 
-    def check(self):
+    def raise_if_received(self):
         if self.received is not None:  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
             raise Stop(f"stopped by {signal.Signals(self.received).name}", 128 + self.received)
 
@@ -965,17 +899,27 @@ class StopSignals:
             signal.signal(s, handler)
 
 
+def run_seeds(seed, first_step, workers, envs_per_worker):
+    """[worker seed, its envs' seeds] for each worker, drawn from the run's seed by numpy's SeedSequence, so that no
+    two streams of a run, nor of runs with different seeds, are the same (with seed + i, worker i of run s would be
+    worker 0 of run s + i). A resumed run (first_step > 0) draws new ones, not those its first part began with."""
+    workers_sequences = np.random.SeedSequence([seed, first_step]).spawn(workers)
+    return [[int(child.generate_state(1, np.uint64)[0]) for child in worker.spawn(1 + envs_per_worker)]
+            for worker in workers_sequences]
+
+
 class Workers:
     """A run's worker processes and what they share with the main process: the StepCounter, the queue of their
     messages and the stop event."""
 
-    def __init__(self, ctx, args, mode, steps):
+    def __init__(self, ctx, args, worker, worker_args, steps):
+        """worker_args[rank]: what worker `rank` takes after its rank, args and seeds."""
         self.messages = ctx.Queue()
         self.stop_event = ctx.Event()
         seeds = run_seeds(args.seed, steps.start, args.workers, args.envs_per_worker)
         self.processes = [ctx.Process(target=worker_process, daemon=True, args=(
-            rank, mode.worker, args, seeds[rank], mode.worker_args(rank), steps, self.messages,
-            self.stop_event, os.getpid())) for rank in range(args.workers)]
+            rank, worker, args, seeds[rank], worker_args[rank], steps, self.messages, self.stop_event,
+            os.getpid())) for rank in range(args.workers)]
 
     def start(self):
         for process in self.processes:
@@ -1028,9 +972,7 @@ def stop_processes(processes, queues):
 
 # --- 10. Checkpoints --------------------------------------------------------------------------------
 
-CHECKPOINT_FORMAT = "a3c.py checkpoint v5"  # v5: a linear Gaussian mean; v4: lstm; v3: the other MODEL_FLAGS
-OLDER_FORMATS = {"a3c.py checkpoint v2": dict.fromkeys(MODEL_FLAGS, False),  # what each lacked
-                 "a3c.py checkpoint v3": {"lstm": False}, "a3c.py checkpoint v4": {}}
+CHECKPOINT_FORMAT = "a3c.py checkpoint v5"  # a new layout gets a new tag, never one used before
 
 
 class CheckpointError(Exception):
@@ -1064,45 +1006,29 @@ def save_checkpoint(path, model, optimizer, args, steps, episodes, recent_return
 
 def load_checkpoint(path):
     """Read a checkpoint written by save_checkpoint, or raise UsageError saying what is wrong with it."""
-    check(os.path.isfile(path), f"checkpoint {path}: no such file")
+    require(os.path.isfile(path), f"checkpoint {path}: no such file")
     try:
         checkpoint = torch.load(path, weights_only=True)  # weights_only: loading runs no pickled code
     except Exception as e:
         raise UsageError(f"checkpoint {path}: not readable as an a3c.py checkpoint ({type(e).__name__})")
-    check(isinstance(checkpoint, dict) and checkpoint.get("format") in (CHECKPOINT_FORMAT, *OLDER_FORMATS),
-          f"checkpoint {path}: not an a3c.py checkpoint")
-    check(checkpoint["format"] == CHECKPOINT_FORMAT or not checkpoint["continuous"], f"checkpoint {path}: its "
-          "Gaussian policy has a tanh-bounded mean, which this a3c.py no longer builds (v5); train it again")
-    return {**OLDER_FORMATS.get(checkpoint["format"], {}), **checkpoint}
+    tag = checkpoint.get("format", "") if isinstance(checkpoint, dict) else ""
+    require(tag.startswith("a3c.py checkpoint "), f"checkpoint {path}: not an a3c.py checkpoint")
+    require(tag == CHECKPOINT_FORMAT, f"checkpoint {path}: format {tag.split()[-1]}, and this a3c.py builds and reads "
+            f"{CHECKPOINT_FORMAT.split()[-1]} only: train it again")
+    return checkpoint
 
 
-def checkpoint_shape(checkpoint):
-    """What the checkpoint's model was built for, as model_shape gives it for an env."""
+def checkpoint_spaces(checkpoint):
+    """What the checkpoint's model was built for, as env_spaces gives it for an env."""
     return {"obs_size": checkpoint["obs_size"], "n_actions": checkpoint["n_actions"],
             "continuous": checkpoint["continuous"]}
 
 
 # --- 11. Monitor and training loop -----------------------------------------------------------------
 
-class UpdateStats:
-    """Sums of per-update statistics, whose means the monitor shows now and then; of finite values only (explained
-    variance is nan for constant returns, and gradient mode has no policy lag)."""
-    TAGS = {"policy_loss": "update/policy_loss", "value_loss": "update/value_loss", "entropy": "update/entropy",
-            "explained_variance": "update/explained_variance", "grad_norm": "update/grad_norm",
-            "learning_rate": "update/learning_rate",
-            "policy_lag": "data_mode/policy_lag"}  # each statistic's TensorBoard tag
-
-    def __init__(self):
-        self.sums, self.counts = np.zeros(len(self.TAGS)), np.zeros(len(self.TAGS), dtype=np.int64)
-
-    def add(self, update):
-        values = np.array([float(update.get(name, math.nan)) for name in self.TAGS])
-        finite = np.isfinite(values)
-        self.sums[finite] += values[finite]
-        self.counts += finite
-
-    def means(self):
-        return {name: s / n for name, s, n in zip(self.TAGS, self.sums, self.counts) if n > 0}
+UPDATE_TAGS = {"policy_loss": "update/policy_loss", "value_loss": "update/value_loss", "entropy": "update/entropy",
+               "explained_variance": "update/explained_variance", "grad_norm": "update/grad_norm",
+               "learning_rate": "update/learning_rate", "policy_lag": "data_mode/policy_lag"}  # TensorBoard tags
 
 
 def reached(recent_returns, target_return):
@@ -1119,7 +1045,7 @@ class Monitor:
         self.recent = deque(recent_returns, maxlen=100)
         self.episodes, self.start_steps, self.last_steps = episodes, steps, steps
         self.start = self.last_print = time.perf_counter()
-        self.stats = UpdateStats()
+        self.updates = {name: [] for name in UPDATE_TAGS}  # each statistic's values since the last line
         self.writer = None  # opened by open_tensorboard, once the workers run
         self.csv_file = open(args.log_csv, "a", newline="") if args.log_csv else None
         if self.csv_file is not None:
@@ -1145,6 +1071,13 @@ class Monitor:
             self.writer.add_scalar("episode/return", episode_return, steps)
             self.writer.add_scalar("episode/length", length, steps)
 
+    def add_update(self, update):
+        """One update's statistics; the finite ones are averaged at the next progress line (explained variance is
+        nan for returns that do not vary)."""
+        for name, value in update.items():
+            if math.isfinite(value):
+                self.updates[name].append(value)
+
     def mean_return(self):
         return sum(self.recent) / len(self.recent) if self.recent else float("nan")
 
@@ -1161,7 +1094,7 @@ class Monitor:
         if not force and now - self.last_print < self.args.log_interval:
             return
         elapsed = now - self.start
-        means = self.stats.means()
+        means = {name: sum(values) / len(values) for name, values in self.updates.items() if values}
         line = (f"episodes={self.episodes} steps={steps} steps_per_second={(steps - self.start_steps) / elapsed:.0f} "
                 f"mean_return={self.mean_return():.1f} seconds={elapsed:.1f}")
         if "entropy" in means:  # a collapsing entropy or a critic that fits nothing shows here first
@@ -1172,12 +1105,12 @@ class Monitor:
         print(line, flush=True)
         if self.writer is not None:
             for name, value in means.items():
-                self.writer.add_scalar(UpdateStats.TAGS[name], value, steps)
+                self.writer.add_scalar(UPDATE_TAGS[name], value, steps)
             if now > self.last_print:
                 self.writer.add_scalar("speed/steps_per_second", (steps - self.last_steps) / (now - self.last_print),
                                        steps)
         self.last_print, self.last_steps = now, steps
-        self.stats = UpdateStats()
+        self.updates = {name: [] for name in UPDATE_TAGS}
 
     def summary(self, steps):
         elapsed = time.perf_counter() - self.start
@@ -1191,6 +1124,13 @@ class Monitor:
             self.writer.close()
 
 
+def updates_applied(optimizer):
+    """How many updates an Adam has applied: its step count, the first parameter's (0 before its first step).
+    Hogwild workers may lose an increment to a race now and then, never every one."""
+    state = optimizer.state.get(optimizer.param_groups[0]["params"][0], {})
+    return int(state["step"]) if "step" in state else 0
+
+
 def train(args, checkpoint=None):
     """Train until solved, a budget runs out or a stop; returns a summary dict with the exit code. The main process
     runs the monitor and, in data mode, the learner: a checkpoint is a plain save from here."""
@@ -1198,7 +1138,7 @@ def train(args, checkpoint=None):
     keep_freed_memory()  # for the learner, in data mode
     torch.manual_seed(args.seed)
     env = make_env(args.env, frame_stack=args.frame_stack)
-    shared_model = new_model(model_shape(env), args)
+    shared_model = new_model(env_spaces(env), args)
     env.close()
     shared_model.share_memory()
     ctx = start_method()
@@ -1206,30 +1146,28 @@ def train(args, checkpoint=None):
     if checkpoint is not None:
         counters = {key: checkpoint[key] for key in counters}
     steps = StepCounter(ctx, args.workers, counters["steps"])
-    mode = (Hogwild if args.mode == "gradient" else Learner)(args, shared_model, ctx, steps)
+    if args.mode == "gradient":  # the workers learn, each through the shared Adam
+        optimizer = SharedAdam(shared_model.parameters(), lr=args.lr, fused=True)  # fused: one kernel for all
+        worker, worker_args = gradient_worker, [(shared_model, optimizer, steps)] * args.workers
+    else:  # the workers act, and the learner, here, learns from their rollouts
+        learner = Learner(args, shared_model, ctx, steps)
+        optimizer, worker = learner.optimizer, data_worker
+        worker_args = [(shared_model, learner.version, learner.buffers[rank], learner.free_buffers[rank])
+                       for rank in range(args.workers)]
     if checkpoint is not None:
         shared_model.load_state_dict(checkpoint["model"])
-        mode.optimizer.load_state_dict(checkpoint["optimizer"])  # the rate is set again at every update
+        optimizer.load_state_dict(checkpoint["optimizer"])  # the rate is set again at every update
     monitor = Monitor(args, **counters)
-    workers = Workers(ctx, args, mode, steps)
-    updates_before = updates_applied(mode.optimizer)
+    workers = Workers(ctx, args, worker, worker_args, steps)
+    updates_before = updates_applied(optimizer)
 
-    def save(final=False):
-        """Only once the run has learned: before its first update, the file at --save (perhaps another run's) is
-        left as it was. One that cannot be written is a line on stderr: mid-run, training goes on; at the end, exit
-        code 1."""
-        if updates_applied(mode.optimizer) == updates_before:
-            return False
-        try:
-            return save_checkpoint(args.save, shared_model, mode.optimizer, args, steps.total(),
-                                   monitor.episodes, monitor.recent)
-        except CheckpointError as e:
-            print(f"a3c.py: {e}" + ("" if final else "; training goes on"), file=sys.stderr, flush=True)
-            if final:
-                outcome["exit_code"] = outcome["exit_code"] or 1
-            return False
+    def save():
+        """The checkpoint, only once the run has learned: before its first update, the file at --save (perhaps
+        another run's) is left as it was. Returns whether it was written; raises CheckpointError."""
+        return updates_applied(optimizer) > updates_before and save_checkpoint(
+            args.save, shared_model, optimizer, args, steps.total(), monitor.episodes, monitor.recent)
 
-    outcome = {"exit_code": 0, "message": None, "save": True}
+    exit_code, message, save_at_end = 0, None, True
     with StopSignals() as signals:
         try:
             workers.start()
@@ -1237,25 +1175,41 @@ def train(args, checkpoint=None):
                 monitor.open_tensorboard()
             last_save = time.monotonic()
             while not monitor.done(steps.total()):
-                signals.check()
-                message = workers.next_message(timeout=0.1)
-                if message is not None:
-                    mode.receive(message, monitor, steps.total())
+                signals.raise_if_received()
+                received = workers.next_message(timeout=0.1)
+                if received is not None:
+                    if args.mode == "gradient":
+                        rank, episodes, update = received
+                    else:
+                        rank, rollouts = received[0], received[3]
+                        episodes = [r.episode for r in rollouts if r.episode is not None]
+                        update = learner.receive(received)  # the update's statistics, once a batch is full
+                    for episode in episodes:
+                        monitor.add_episode(rank, *episode, steps.total())
+                    if update is not None:
+                        monitor.add_update(update)
                 if time.monotonic() - last_save >= args.save_every:
-                    save()
+                    try:
+                        save()
+                    except CheckpointError as e:  # mid-run: say so, and go on
+                        print(f"a3c.py: {e}; training goes on", file=sys.stderr, flush=True)
                     last_save = time.monotonic()
                 monitor.progress(steps.total())
         except Stop as stop:
-            outcome = {"exit_code": stop.exit_code, "message": str(stop), "save": stop.save}
+            exit_code, message, save_at_end = stop.exit_code, str(stop), stop.save
         except FloatingPointError as error:  # the learner's loss, in data mode
-            outcome = {"exit_code": 1, "message": str(error), "save": False}
+            exit_code, message, save_at_end = 1, str(error), False
         finally:
             workers.stop()
-            saved = outcome["save"] and save(final=True)
+            try:
+                saved = save_at_end and save()
+            except CheckpointError as e:  # at the end: the result line is still printed, with exit code 1
+                print(f"a3c.py: {e}", file=sys.stderr, flush=True)
+                saved, exit_code = False, exit_code or 1
             monitor.progress(steps.total(), force=True)
             monitor.close()
-    learned = updates_applied(mode.optimizer) > updates_before
-    return {**monitor.summary(steps.total()), **outcome, "saved": saved, "learned": learned}
+    return {**monitor.summary(steps.total()), "exit_code": exit_code, "message": message, "saved": saved,
+            "learned": updates_applied(optimizer) > updates_before}
 
 
 # --- 12. Evaluation --------------------------------------------------------------------------------
@@ -1273,7 +1227,7 @@ def evaluate(args, checkpoint):
         with warnings.catch_warnings():  # prepare() created the folder: RecordVideo would warn that it exists
             warnings.simplefilter("ignore")
             env = gym.wrappers.RecordVideo(env, args.video, episode_trigger=lambda episode: True, name_prefix="eval")
-    model = new_model(checkpoint_shape(checkpoint), args)  # prepare() took the flags that shape it from it
+    model = new_model(checkpoint_spaces(checkpoint), args)  # prepare() took the flags that shape it from it
     model.load_state_dict(checkpoint["model"])
     returns, steps, start = [], 0, time.perf_counter()
     for episode in range(args.episodes):
@@ -1282,7 +1236,7 @@ def evaluate(args, checkpoint):
         while not done:
             with torch.inference_mode():  # the most probable action: argmax, or the Gaussian's mean
                 head_out, _, core_state = model(torch.from_numpy(observation_batch([obs])), core_state)
-            obs, _, terminated, truncated, info = env.step(model.policy.mode(head_out.numpy())[0])
+            obs, _, terminated, truncated, info = env.step(model.policy.most_probable(head_out.numpy())[0])
             done = terminated or truncated
         returns.append(float(info["episode"]["r"]))
         steps += int(info["episode"]["l"])
@@ -1314,7 +1268,7 @@ def make_folder(flag, folder):
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
         raise UsageError(f"{flag} {folder}: cannot create it ({e.strerror})")
-    check(os.access(folder, os.W_OK), f"{flag} {folder}: cannot write in it")
+    require(os.access(folder, os.W_OK), f"{flag} {folder}: cannot write in it")
 
 
 RUN_FLAGS = ("resume", "eval", "episodes", "render", "video", "save")  # what a command does, not what it trains
@@ -1350,69 +1304,71 @@ def prepare(args, checkpoint=None):
     --target-return)."""
     path = args.eval or args.resume
     if checkpoint is not None:
-        check(args.env in (None, checkpoint["env"]),
-              f"checkpoint {path} was made for {checkpoint['env']}, not {args.env}")
-        check(args.hidden in (None, checkpoint["hidden"]),
-              f"checkpoint {path} has --hidden {checkpoint['hidden']}, not {args.hidden}")
+        require(args.env in (None, checkpoint["env"]),
+                f"checkpoint {path} was made for {checkpoint['env']}, not {args.env}")
+        require(args.hidden in (None, checkpoint["hidden"]),
+                f"checkpoint {path} has --hidden {checkpoint['hidden']}, not {args.hidden}")
         for flag in MODEL_FLAGS:  # the checkpoint's, which a flag cannot add to a trained model
-            check(checkpoint[flag] or not getattr(args, flag),
-                  f"checkpoint {path} was trained without --{flag.replace('_', '-')}")
+            require(checkpoint[flag] or not getattr(args, flag),
+                    f"checkpoint {path} was trained without --{flag.replace('_', '-')}")
             setattr(args, flag, checkpoint[flag])
         args.env, args.hidden = checkpoint["env"], checkpoint["hidden"]
         if not isinstance(checkpoint["obs_size"], int):  # frames: the stack's depth is the model's input width
             frames = checkpoint["obs_size"][0]
-            check(args.frame_stack in (None, frames),
-                  f"checkpoint {path} has --frame-stack {frames}, not {args.frame_stack}")
+            require(args.frame_stack in (None, frames),
+                    f"checkpoint {path} has --frame-stack {frames}, not {args.frame_stack}")
             args.frame_stack = frames
-    check(not (args.lstm and args.separate_critic),
-          "--lstm and --separate-critic exclude each other: the critic's own torso would have no memory")
+    require(not (args.lstm and args.separate_critic),
+            "--lstm and --separate-critic exclude each other: the critic's own torso would have no memory")
     args.env = args.env or "CartPole-v1"
     frame_stack_given, args.frame_stack = args.frame_stack is not None, args.frame_stack or 4
     try:
         env = make_env(args.env, frame_stack=args.frame_stack)
-    except gym.error.Error as e:
-        close = difflib.get_close_matches(args.env, gym.registry.keys(), n=3)
-        hint = f" (close matches: {', '.join(close)})" if close and "did you mean" not in str(e).lower() else ""
-        raise UsageError(f"environment {args.env!r}: {e}{hint}")
+    except gym.error.Error as e:  # an unknown id: gymnasium suggests close ones
+        raise UsageError(f"environment {args.env!r}: {e}")
     except ValueError as e:
         raise UsageError(f"environment {e}")
-    shape, render_modes, threshold = model_shape(env), env.metadata.get("render_modes", []), env.spec.reward_threshold
+    spaces, render_modes, threshold = env_spaces(env), env.metadata.get("render_modes", []), env.spec.reward_threshold
     env.close()
-    vectors = isinstance(shape["obs_size"], int)
-    check(vectors or not args.normalize_obs,
-          f"--normalize-obs: {args.env}'s observations are frames, which the network scales by 255")
-    check(not (vectors and frame_stack_given), f"--frame-stack: {args.env}'s observations are vectors, not frames")
+    vectors = isinstance(spaces["obs_size"], int)
+    require(vectors or not args.normalize_obs,
+            f"--normalize-obs: {args.env}'s observations are frames, which the network scales by 255")
+    require(not (vectors and frame_stack_given), f"--frame-stack: {args.env}'s observations are vectors, not frames")
     args.hidden = args.hidden or (64 if vectors else 256)
+    if args.mode == "data" and not args.eval:  # the learner's rollout buffers, which live in shared memory
+        one = sum(field.nbytes for field in RolloutBuffer.allocate(new_model(spaces, args), args.n_steps,
+                                                                   args.envs_per_worker))
+        require_shared_memory(one * buffers_per_worker(args) * args.workers)
     args.reward_scale = args.reward_scale or (1.0 if args.normalize_reward else 0.1)
     args.target_return = threshold if args.target_return is None else args.target_return
-    check(checkpoint is None or shape == checkpoint_shape(checkpoint),
-          f"checkpoint {path} does not fit {args.env}'s observation and action spaces")
-    check(args.target_return is not None or args.eval, f"{args.env} has no reward_threshold: give --target-return")
+    require(checkpoint is None or spaces == checkpoint_spaces(checkpoint),
+            f"checkpoint {path} does not fit {args.env}'s observation and action spaces")
+    require(args.target_return is not None or args.eval, f"{args.env} has no reward_threshold: give --target-return")
     if args.resume:  # a run that would stop before its first update
-        check(args.max_steps is None or args.max_steps > checkpoint["steps"], f"checkpoint {path} has taken "
-              f"{checkpoint['steps']} steps, --max-steps {args.max_steps}: give a larger --max-steps")
-        check(args.max_episodes is None or args.max_episodes > checkpoint["episodes"], f"checkpoint {path} has "
-              f"played {checkpoint['episodes']} episodes, --max-episodes {args.max_episodes}: give a larger one")
-        check(not reached(checkpoint["recent_returns"], args.target_return), f"checkpoint {path} has reached "
-              f"--target-return {args.target_return} already: give a higher one")
+        require(args.max_steps is None or args.max_steps > checkpoint["steps"], f"checkpoint {path} has taken "
+                f"{checkpoint['steps']} steps, --max-steps {args.max_steps}: give a larger --max-steps")
+        require(args.max_episodes is None or args.max_episodes > checkpoint["episodes"], f"checkpoint {path} has "
+                f"played {checkpoint['episodes']} episodes, --max-episodes {args.max_episodes}: give a larger one")
+        require(not reached(checkpoint["recent_returns"], args.target_return), f"checkpoint {path} has reached "
+                f"--target-return {args.target_return} already: give a higher one")
     if args.tensorboard is not None and not args.eval:
         need_package("torch.utils.tensorboard", "--tensorboard", "tensorboard")
         make_folder("--tensorboard", args.tensorboard)
     if args.video is not None:
-        check(args.eval, "--video records --eval episodes: give --eval PATH too")
-        check(not args.render, "--video and --render exclude each other")
-        check("rgb_array" in render_modes, f"--video: {args.env} cannot render its screen as an image")
+        require(args.eval, "--video records --eval episodes: give --eval PATH too")
+        require(not args.render, "--video and --render exclude each other")
+        require("rgb_array" in render_modes, f"--video: {args.env} cannot render its screen as an image")
         need_package("moviepy", "--video", "moviepy")  # gymnasium's RecordVideo needs it
         make_folder("--video", args.video)
     for flag, out in [("--save", args.save), ("--log-csv", args.log_csv)]:
         folder = os.path.dirname(os.path.abspath(out)) if out and not args.eval else None
-        check(not folder or os.access(folder, os.W_OK), f"{flag} {out}: cannot write in {folder}")
+        require(not folder or os.access(folder, os.W_OK), f"{flag} {out}: cannot write in {folder}")
 
 
 def main(argv=None):
     try:
         args = parse_args(argv)
-        check(not (args.eval and args.resume), "--eval and --resume exclude each other")
+        require(not (args.eval and args.resume), "--eval and --resume exclude each other")
         checkpoint = load_checkpoint(args.eval or args.resume) if args.eval or args.resume else None
         if args.resume:
             args, resumed = resume_flags(argv, args.resume, checkpoint)
