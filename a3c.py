@@ -274,8 +274,7 @@ class CategoricalHead(nn.Module):
     def forward(self, h):
         return self.out(h)  # [B, A] logits
 
-    @staticmethod
-    def log_prob_entropy(logits, actions):
+    def log_prob_entropy(self, logits, actions):
         """log pi(a_t|s_t) [T] and the entropy of pi(.|s_t) [T]: logits [T, A], actions [T] int64."""
         log_probs = torch.log_softmax(logits, dim=-1)  # [T, A]
         entropy = -(log_probs.exp() * log_probs).sum(-1)
@@ -306,9 +305,8 @@ class GaussianHead(nn.Module):
         return self.out(h)  # [B, D] means
 
     def log_prob_entropy(self, mean, actions):
-        """log pi(a_t|s_t) [T] and the entropy [T]: mean [T, D], actions [T, D]. Per dimension log N(a; mu, sigma)
-        = -(a - mu)^2 / (2 sigma^2) - log sigma - log(2 pi) / 2 and H = log sigma + (1 + log(2 pi)) / 2, summed
-        over the dimensions, which are independent."""
+        """log pi(a_t|s_t) [T] and the entropy [T] (mean [T, D], actions [T, D]), summed over the dimensions:
+        log N(a; mu, sigma) = -(a - mu)^2 / 2 sigma^2 - log sigma - log(2 pi) / 2, H = log sigma + (1 + log 2pi) / 2"""
         log_probs = -0.5 * ((actions - mean) / self.log_std.exp()).pow(2) - self.log_std - 0.5 * math.log(2 * math.pi)
         entropy = (self.log_std + 0.5 * (1 + math.log(2 * math.pi))).sum(-1).expand(mean.shape[0])
         return log_probs.sum(-1), entropy
@@ -321,15 +319,14 @@ class GaussianHead(nn.Module):
         return mean
 
     def bound_loss(self, mean):
-        """(|mean| - 1)^2 past the box, summed over dimensions, averaged over steps. Far outside, every sample clips
-        to the same action and the policy gradient cannot tell the way back; this can, from any distance, where a
-        tanh-bounded mean's gradient would vanish and leave the policy stuck on the bound."""
+        """(|mean| - 1)^2 past the box, summed over dimensions, averaged over steps: far outside, every sample clips to
+        one action and the policy gradient cannot tell the way back; this can (a tanh-bounded mean's would vanish)."""
         return (mean.abs() - 1).clamp(min=0).pow(2).sum(-1).mean()
 
 
 class ConvTorso(nn.Module):
-    """Stacked uint8 frames [B, C, H, W] -> features [B, hidden] by the A3C paper's feed-forward network (16 8x8
-    filters of stride 4, 32 4x4 of stride 2, a fully connected layer), cheap enough for a CPU."""
+    """Stacked uint8 frames [B, C, H, W] -> features [B, hidden]: the A3C paper's network (16 8x8 filters, stride 4;
+    32 4x4, stride 2; a fully connected layer)."""
 
     def __init__(self, frames_shape, hidden):
         super().__init__()
@@ -353,9 +350,8 @@ class NoCore(nn.Module):
 
 
 class LSTMCore(nn.Module):
-    """--lstm: LSTM cells between the torso and the heads (the paper's A3C LSTM), the heads reading features + h: h
-    starts as an even mix of present and past, and without the skip the agent must first learn to see the present.
-    Written out, since torch's LSTMs measured slower on Pong: here W x_t of a whole rollout is one product."""
+    """--lstm: LSTM cells between the torso and the heads (the paper's A3C LSTM), the heads reading features + h, so
+    that the agent sees the present from the start; the gates written out, W x_t of a whole rollout in one product."""
 
     def __init__(self, hidden):
         super().__init__()
@@ -396,9 +392,8 @@ MODEL_FLAGS = ("normalize_obs", "normalize_reward", "separate_critic", "lstm")  
 
 class ActorCritic(nn.Module):
     """A torso, a core, a policy head, a value head V(s) and the running statistics. The file's three choices are
-    made here and nowhere else: the observation picks the torso (two tanh layers for a vector, ConvTorso for
-    frames), --lstm the core, the action space the policy head; everything after calls the head's sample,
-    most_probable and log_prob_entropy, and passes the core state along whatever its size."""
+    made here alone: the observation picks the torso (two tanh layers for a vector, ConvTorso for frames), --lstm
+    the core, the action space the head; the rest calls the head and passes the core state along, whatever it is."""
 
     def __init__(self, obs_size, n_actions, hidden=64, continuous=False, normalize_obs=False,
                  normalize_reward=False, separate_critic=False, lstm=False, log_std_init=0.0):
@@ -493,9 +488,8 @@ class SharedAdam(torch.optim.Adam):
 
 
 def set_learning_rate(optimizer, args, steps):
-    """Give every param group Adam's rate after steps env steps of the run (a resumed run counts its checkpoint's)
-    and return it: --lr, or with --lr-schedule linear lr (1 - steps / max_steps), as CleanRL's anneal_lr, so that
-    the last updates refine what was learned instead of shaking it."""
+    """Set and return Adam's rate after the run's steps (a resumed run's included): --lr, or lr (1 - steps / max_steps)
+    with --lr-schedule linear (CleanRL's anneal_lr), so that the last updates refine what was learned."""
     lr = args.lr
     if args.lr_schedule == "linear" and args.max_steps is not None:
         lr = args.lr * max(0.0, 1.0 - steps / args.max_steps)
@@ -507,8 +501,7 @@ def set_learning_rate(optimizer, args, steps):
 # --- 5. Rollouts -----------------------------------------------------------------------------------
 
 class RolloutBuffer(NamedTuple):
-    """A worker's n_steps x K transitions between two updates; in data mode in shared memory, so that only where a
-    rollout lies crosses the pipe (as in monobeast)."""
+    """A worker's n_steps x K transitions; shared in data mode, where only a rollout's place crosses the pipe."""
     obs: torch.Tensor         # [n_steps, K, obs_size] float32 or [n_steps, K, C, H, W] uint8: s_t
     actions: torch.Tensor     # [n_steps, K] int64 or [n_steps, K, D] float32, as sampled: a_t
     rewards: torch.Tensor     # [n_steps, K] float32: r_t
@@ -572,8 +565,7 @@ def collect_rollouts(envs, model, obs, core_state, buffer, rng):
 # --- 6. Returns and loss ---------------------------------------------------------------------------
 
 def n_step_returns(rewards, bootstrap_value, gamma):
-    """Alg. S3: R = bootstrap_value (0 if s_T is terminal, else V(s_T)); R <- r_t + gamma R for t = T - 1 .. 0.
-    rewards [T] -> R_t [T] float32."""
+    """Alg. S3: R = bootstrap_value (0 if s_T is terminal, else V(s_T)); R <- r_t + gamma R, t = T-1 .. 0 -> R_t [T]"""
     returns, R = [0.0] * len(rewards), float(bootstrap_value)
     for t in reversed(range(len(rewards))):
         R = float(rewards[t]) + gamma * R
@@ -614,11 +606,10 @@ def explained_variance(values, returns):
 
 
 def learning_pass(model, rollouts):
-    """The network run again over the steps it acted on, this time with autograd: acting ran without it (it is
-    cheaper), and in data mode in another process, whose graph the learner could not backpropagate through.
-    rollouts [(buffer views, Rollout), ...] laid end to end, each from the core state its worker had (truncated
-    backpropagation through time) -> head outputs [N, ...], V(s_t) [N], V(s_T) [n] (a pass of its own, without
-    gradient: it is part of the target)."""
+    """The network run again over the steps it acted on, with autograd: acting ran without it (cheaper), and in data
+    mode in another process, whose graph the learner could not backpropagate through. rollouts [(buffer views,
+    Rollout), ...] laid end to end, each from the core state its worker had -> head outputs [N, ...], V(s_t) [N],
+    V(s_T) [n] (without gradient: it is part of the target)."""
     obs = torch.from_numpy(np.concatenate([buffer.obs[r.start:r.stop, r.env_index] for buffer, r in rollouts]))
     core_states = torch.from_numpy(np.stack([buffer.core_state[r.start, r.env_index] for buffer, r in rollouts]))
     head_out, values, final_core_states = model(obs, core_states, [r.stop - r.start for _, r in rollouts])
@@ -663,10 +654,9 @@ def rollout_loss(model, batch, gamma, value_coef, entropy_coef, reward_scale=1.0
 def hogwild_update(local_model, shared_model, optimizer, loss, max_grad_norm):
     """Backpropagate into the local model and hand the gradient to the shared one without a lock (Hogwild: updates
     lost now and then cost little). The well-known A3C ports make the shared .grad the local gradient tensor itself
-    and clear it by zeroing the shared model's gradients, which zeroed that one tensor. Since torch 2, zero_grad()
-    sets .grad to None instead: the local gradient is never cleared, and each update applies the sum of all the
-    gradients so far (g, 2g, 3g ...). Here the local gradient is cleared before each backward pass, and the shared
-    .grad set from it at every update."""
+    and clear it by zeroing the shared model's gradients. Since torch 2, zero_grad() sets .grad to None instead:
+    the local gradient is never cleared, and each update applies the sum of all the gradients so far (g, 2g, 3g
+    ...). Here the local gradient is cleared before each backward pass, and the shared .grad set at every update."""
     local_model.zero_grad()
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(local_model.parameters(), max_grad_norm)
@@ -691,8 +681,7 @@ def update_statistics(shared_model, buffer, rollouts, discounted, gamma):
 
 
 def worker_setup(args, seeds):
-    """A worker's generators, envs and local model (seeds: its row of run_seeds), and each env's first observation,
-    core state and discounted return."""
+    """A worker's generators, envs and local model, each env's first observation, core state and discounted return."""
     worker_seed, *env_seeds = seeds
     torch.manual_seed(worker_seed)
     rng = np.random.default_rng(worker_seed)
@@ -710,7 +699,7 @@ def gradient_worker(rank, args, seeds, shared_model, optimizer, steps):
       dtheta += grad log pi (R - V), ...  a3c_loss (a mean over the steps), then loss.backward()
       asynchronous update of theta        hogwild_update: the shared .grad, SharedAdam.step(), no lock
       T <- T + 1 for each step            steps, the run's StepCounter (section 9), which sets the rate
-    Alg. S3 is --envs-per-worker 1; with the default 4, one update covers a rollout of each of 4 envs, of unequal
+    Alg. S3 is --envs-per-worker 1; with the default 4, an update covers a rollout of each of 4 envs, of unequal
     lengths where an episode ended. Yields (steps, (rank, the episodes that ended, the update's statistics))."""
     envs, local_model, obs, core_state, discounted, rng = worker_setup(args, seeds)
     buffer = RolloutBuffer.allocate(local_model, args.n_steps, len(envs))
@@ -748,9 +737,8 @@ def buffers_per_worker(args):
 
 
 class Learner:
-    """Data mode, in the main process: the single writer of the weights. It owns the RolloutBuffers (a few per
-    worker, in shared memory), a semaphore per worker counting its free ones and the policy version, and learns
-    once --batch-buffers messages have come."""
+    """Data mode's single writer of the weights, in the main process: it owns the shared RolloutBuffers, a semaphore
+    per worker counting its free ones and the policy version, and learns once --batch-buffers messages have come."""
 
     def __init__(self, args, shared_model, ctx, steps):
         self.args, self.shared_model, self.steps = args, shared_model, steps
