@@ -691,14 +691,14 @@ def worker_setup(args, seeds):
     return envs, model, obs, model.initial_core_state(len(envs)).numpy(), np.zeros(len(envs)), rng
 
 
-def gradient_worker(rank, args, seeds, shared_model, optimizer, steps):
+def gradient_worker(rank, args, seeds, shared_model, optimizer, step_counter):
     """Alg. S3's actor-learner thread, as a process; one pass of the loop is one of its updates:
       dtheta <- 0; theta' = theta         hogwild_update's zero_grad; local_model.load_state_dict (below)
       act until terminal s_t or t_max     collect_rollouts, t_max = --n-steps (an episode's end closes a rollout)
       R = 0 or V(s_t); R <- r_i + gamma R rollout_loss, through n_step_returns (or GAE, --gae-lambda < 1)
       dtheta += grad log pi (R - V), ...  a3c_loss (a mean over the steps), then loss.backward()
       asynchronous update of theta        hogwild_update: the shared .grad, SharedAdam.step(), no lock
-      T <- T + 1 for each step            steps, the run's StepCounter (section 9), which sets the rate
+      T <- T + 1 for each step            step_counter, the run's StepCounter (section 9), which sets the rate
     Alg. S3 is --envs-per-worker 1; with the default 4, an update covers a rollout of each of 4 envs, of unequal
     lengths where an episode ended. Yields (steps, (rank, the episodes that ended, the update's statistics))."""
     envs, local_model, obs, core_state, discounted, rng = worker_setup(args, seeds)
@@ -708,7 +708,7 @@ def gradient_worker(rank, args, seeds, shared_model, optimizer, steps):
         rollouts = collect_rollouts(envs, local_model, obs, core_state, buffer, rng)
         loss, update = rollout_loss(local_model, [(buffer, rollouts)], args.gamma, args.value_coef,
                                     args.entropy_coef, args.reward_scale, args.gae_lambda)
-        update["learning_rate"] = set_learning_rate(optimizer, args, steps.total())
+        update["learning_rate"] = set_learning_rate(optimizer, args, step_counter.total())
         update["grad_norm"] = hogwild_update(local_model, shared_model, optimizer, loss, args.max_grad_norm)
         update_statistics(shared_model, buffer, rollouts, discounted, args.gamma)
         yield args.n_steps * len(envs), (rank, [r.episode for r in rollouts if r.episode is not None], update)
@@ -740,8 +740,8 @@ class Learner:
     """Data mode's single writer of the weights, in the main process: it owns the shared RolloutBuffers, a semaphore
     per worker counting its free ones and the policy version, and learns once --batch-buffers messages have come."""
 
-    def __init__(self, args, shared_model, ctx, steps):
-        self.args, self.shared_model, self.steps = args, shared_model, steps
+    def __init__(self, args, shared_model, ctx, step_counter):
+        self.args, self.shared_model, self.step_counter = args, shared_model, step_counter
         self.optimizer = torch.optim.Adam(shared_model.parameters(), lr=args.lr, fused=True)
         self.version = ctx.Value("q", 0, lock=False)  # written by the learner alone
         self.batch_size = args.batch_buffers or args.workers
@@ -763,7 +763,7 @@ class Learner:
         batch = [(self.buffers[rank][index], rollouts) for rank, index, _, rollouts in self.batch]
         loss, update = rollout_loss(self.shared_model, batch, args.gamma, args.value_coef, args.entropy_coef,
                                     args.reward_scale, args.gae_lambda)
-        update["learning_rate"] = set_learning_rate(self.optimizer, args, self.steps.total())
+        update["learning_rate"] = set_learning_rate(self.optimizer, args, self.step_counter.total())
         self.optimizer.zero_grad()
         loss.backward()
         update["grad_norm"] = nn.utils.clip_grad_norm_(self.shared_model.parameters(), args.max_grad_norm).item()
@@ -830,7 +830,7 @@ class StepCounter:
         return self.start + sum(self.slots)
 
 
-def worker_process(rank, worker, args, seeds, worker_args, steps, messages, stop_event, parent_pid):
+def worker_process(rank, worker, args, seeds, worker_args, step_counter, messages, stop_event, parent_pid):
     """Every worker process: a mode's worker generator, its steps counted and its messages queued, until the stop
     event or its parent's death. One thread (threads of one worker slow the others down); signals left to the
     main process; exit code DIVERGED with one line for a non-finite loss, 1 and the traceback for other errors."""
@@ -840,7 +840,7 @@ def worker_process(rank, worker, args, seeds, worker_args, steps, messages, stop
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler, which fork copies
     try:
         for taken, message in worker(rank, args, seeds, *worker_args):
-            steps.add(rank, taken)
+            step_counter.add(rank, taken)
             if message is not None:
                 messages.put(message)
             # a worker whose parent died, even by SIGKILL, is re-parented: it stops rather than run on as an orphan
@@ -900,13 +900,13 @@ class Workers:
     """A run's worker processes and what they share with the main process: the StepCounter, the queue of their
     messages and the stop event."""
 
-    def __init__(self, ctx, args, worker, worker_args, steps):
+    def __init__(self, ctx, args, worker, worker_args, step_counter):
         """worker_args[rank]: what worker `rank` takes after its rank, args and seeds."""
         self.messages = ctx.Queue()
         self.stop_event = ctx.Event()
-        seeds = run_seeds(args.seed, steps.start, args.workers, args.envs_per_worker)
+        seeds = run_seeds(args.seed, step_counter.start, args.workers, args.envs_per_worker)
         self.processes = [ctx.Process(target=worker_process, daemon=True, args=(
-            rank, worker, args, seeds[rank], worker_args[rank], steps, self.messages, self.stop_event,
+            rank, worker, args, seeds[rank], worker_args[rank], step_counter, self.messages, self.stop_event,
             os.getpid())) for rank in range(args.workers)]
 
     def start(self):
@@ -1133,12 +1133,12 @@ def train(args, checkpoint=None):
     counters = {"steps": 0, "episodes": 0, "recent_returns": []}
     if checkpoint is not None:
         counters = {key: checkpoint[key] for key in counters}
-    steps = StepCounter(ctx, args.workers, counters["steps"])
+    step_counter = StepCounter(ctx, args.workers, counters["steps"])
     if args.mode == "gradient":  # the workers learn, each through the shared Adam
         optimizer = SharedAdam(shared_model.parameters(), lr=args.lr, fused=True)  # fused: one kernel for all
-        worker, worker_args = gradient_worker, [(shared_model, optimizer, steps)] * args.workers
+        worker, worker_args = gradient_worker, [(shared_model, optimizer, step_counter)] * args.workers
     else:  # the workers act, and the learner, here, learns from their rollouts
-        learner = Learner(args, shared_model, ctx, steps)
+        learner = Learner(args, shared_model, ctx, step_counter)
         optimizer, worker = learner.optimizer, data_worker
         worker_args = [(shared_model, learner.version, learner.buffers[rank], learner.free_buffers[rank])
                        for rank in range(args.workers)]
@@ -1146,14 +1146,14 @@ def train(args, checkpoint=None):
         shared_model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])  # the rate is set again at every update
     monitor = Monitor(args, **counters)
-    workers = Workers(ctx, args, worker, worker_args, steps)
+    workers = Workers(ctx, args, worker, worker_args, step_counter)
     updates_before = updates_applied(optimizer)
 
     def save():
         """The checkpoint, only once the run has learned: before its first update, the file at --save (perhaps
         another run's) is left as it was. Returns whether it was written; raises CheckpointError."""
         return updates_applied(optimizer) > updates_before and save_checkpoint(
-            args.save, shared_model, optimizer, args, steps.total(), monitor.episodes, monitor.recent)
+            args.save, shared_model, optimizer, args, step_counter.total(), monitor.episodes, monitor.recent)
 
     exit_code, message, save_at_end = 0, None, True
     with StopSignals() as signals:
@@ -1162,7 +1162,7 @@ def train(args, checkpoint=None):
             if args.tensorboard is not None:
                 monitor.open_tensorboard()
             last_save = time.monotonic()
-            while not monitor.done(steps.total()):
+            while not monitor.done(step_counter.total()):
                 signals.raise_if_received()
                 received = workers.next_message(timeout=0.1)
                 if received is not None:
@@ -1173,7 +1173,7 @@ def train(args, checkpoint=None):
                         episodes = [r.episode for r in rollouts if r.episode is not None]
                         update = learner.receive(received)  # the update's statistics, once a batch is full
                     for episode in episodes:
-                        monitor.add_episode(rank, *episode, steps.total())
+                        monitor.add_episode(rank, *episode, step_counter.total())
                     if update is not None:
                         monitor.add_update(update)
                 if time.monotonic() - last_save >= args.save_every:
@@ -1182,7 +1182,7 @@ def train(args, checkpoint=None):
                     except CheckpointError as e:  # mid-run: say so, and go on
                         print(f"a3c.py: {e}; training goes on", file=sys.stderr, flush=True)
                     last_save = time.monotonic()
-                monitor.progress(steps.total())
+                monitor.progress(step_counter.total())
         except Stop as stop:
             exit_code, message, save_at_end = stop.exit_code, str(stop), stop.save
         except FloatingPointError as error:  # the learner's loss, in data mode
@@ -1194,9 +1194,9 @@ def train(args, checkpoint=None):
             except CheckpointError as e:  # at the end: the result line is still printed, with exit code 1
                 print(f"a3c.py: {e}", file=sys.stderr, flush=True)
                 saved, exit_code = False, exit_code or 1
-            monitor.progress(steps.total(), force=True)
+            monitor.progress(step_counter.total(), force=True)
             monitor.close()
-    return {**monitor.summary(steps.total()), "exit_code": exit_code, "message": message, "saved": saved,
+    return {**monitor.summary(step_counter.total()), "exit_code": exit_code, "message": message, "saved": saved,
             "learned": updates_applied(optimizer) > updates_before}
 
 
