@@ -134,12 +134,9 @@ def parse_args(argv=None, defaults=None):
 # --- 2. Environment --------------------------------------------------------------------------------
 
 def make_env(env_id, seed=None, render_mode=None, frame_stack=4):
-    """A Gymnasium env (5-tuple step) that reports each episode's true return in info["episode"].
-
-    The TimeLimit wrapper stays: it is what tells a time-limit truncation from a termination. Box actions:
-    the policy acts in [-1, 1] and RescaleAction maps that onto the env's bounds; ClipAction clips a sample
-    on its way into the env, while the rollout keeps the sample itself, whose log pi the loss needs.
-    """
+    """A Gymnasium env that reports each episode's true return in info["episode"]. The TimeLimit stays: it tells a
+    truncation from a termination. Box actions: the policy acts in [-1, 1], RescaleAction maps that onto the env's
+    bounds, and ClipAction clips a sample on its way in; the rollout keeps the sample, whose log pi the loss needs."""
     if env_id.startswith("ALE/") or env_id not in gym.registry:  # Atari ids exist once ale-py registers them
         try:
             import ale_py
@@ -227,13 +224,9 @@ def env_spaces(env):
 
 
 class RunningMeanStd(nn.Module):
-    """The mean and variance of everything the envs have shown, per dimension: --normalize-obs normalises the
-    observations by them, --normalize-reward scales the rewards by the discounted return's.
-
-    Buffers, so that they live where ActorCritic's weights do: shared by every worker once the model is shared,
-    and in state_dict. Workers update them without a lock, as Hogwild writes the weights: two updates at once
-    may lose one, a few samples of a running estimate, where a lock held by a killed worker would hang the rest.
-    """
+    """The running mean and variance, per dimension, of the observations (--normalize-obs) or of the discounted
+    return (--normalize-reward). Buffers, so that they are shared with the weights and saved in state_dict; workers
+    update them without a lock, as Hogwild writes the weights (a lock held by a killed worker would hang the rest)."""
 
     def __init__(self, shape=()):
         super().__init__()
