@@ -4,14 +4,11 @@ Workers act in parallel; --mode picks how their experience becomes learning:
   --mode gradient  each worker computes the gradient of its own rollouts and applies it to the shared model
                    through a shared-state Adam, without locks (Hogwild, as in the paper);
   --mode data      workers only act, and one learner (the main process) learns from their rollouts.
-Each worker steps --envs-per-worker envs together: with 1 it is the paper's actor-learner, and one worker with
-N envs in lockstep is A2C. Only --workers 1 --mode gradient is reproducible.
+Each worker steps --envs-per-worker envs together: with 1 it is the paper's actor-learner; one worker with N envs
+is A2C. The algorithm is sections 3 to 8; start at gradient_worker, which maps Algorithm S3 onto the code.
 
     python a3c.py --workers 4 --mode gradient
-    python a3c.py --env Pendulum-v1 --target-return -200 --workers 2 --gamma 0.95 --lr 0.001
 
-Sections in the order the data flows: flags, env, network, optimizer, rollouts, returns and loss, workers,
-learner; then processes, checkpoints, the monitor and train(), evaluation, main().
 References: Mnih et al. 2016, arXiv:1602.01783 (Algorithm S3); Recht et al. 2011, "Hogwild!", arXiv:1106.5730;
 Schulman et al. 2016, "Generalized Advantage Estimation", arXiv:1506.02438 (--gae-lambda).
 """
