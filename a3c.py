@@ -1192,8 +1192,17 @@ def train(args, checkpoint=None):
 
 # --- 12. Evaluation --------------------------------------------------------------------------------
 
+def plays_one_game(env):
+    """An emulator that replays the same game from every reset, whatever its seed: ALE without sticky actions or
+    random frame skips (the NoFrameskip ids). Other envs differ from episode to episode through their seed."""
+    kwargs = env.spec.kwargs
+    return (str(env.spec.entry_point).startswith("ale_py") and kwargs.get("repeat_action_probability") == 0
+            and isinstance(kwargs.get("frameskip"), int))
+
+
 def evaluate(args, checkpoint):
-    """Play --episodes episodes with the checkpoint's most probable action; returns a summary dict."""
+    """Play --episodes episodes with the checkpoint's most probable action; returns a summary dict. Where a seed
+    alone would replay one game, each episode starts with 1-30 no-op actions, as the DQN and A3C papers evaluate."""
     torch.set_num_threads(1)
     try:
         render_mode = "human" if args.render else "rgb_array" if args.video else None
@@ -1208,8 +1217,13 @@ def evaluate(args, checkpoint):
     model = new_model(checkpoint_spaces(checkpoint), args)  # prepare() took the flags that shape it from it
     model.load_state_dict(checkpoint["model"])
     returns, steps, start = [], 0, time.perf_counter()
+    max_noops, rng = (30 if plays_one_game(env) else 0), np.random.default_rng(args.seed)
     for episode in range(args.episodes):
         obs, _ = env.reset(seed=args.seed + episode)
+        for _ in range(rng.integers(1, max_noops + 1) if max_noops else 0):
+            obs, _, terminated, truncated, _ = env.step(0)  # ALE's action 0 is NOOP
+            if terminated or truncated:
+                obs, _ = env.reset()
         core_state, done = model.initial_core_state(1), False  # carried through the episode
         while not done:
             with torch.inference_mode():  # the most probable action: argmax, or the Gaussian's mean

@@ -352,10 +352,10 @@ def test_single_worker_learns_cartpole(mode, tmp_path):
     Reliable by construction: the budget is in env steps, not seconds, so a busy machine makes the test
     slower but not flaky. One worker in gradient mode is deterministic for a seed; data mode is not (the
     learner and the worker race), so its budget has the wide margin: on this 2-core machine seeds 1-5
-    solved in 67k-82k steps (gradient) and 67k-75k (data), seeds drawn by run_seeds. Data mode can still fall into a collapse and
-    climb out of it (seen once in this suite's history at over 300k steps, against 70k-101k in five
-    repeats of seed 1), so the budget is 800k, about 35 s at data mode's speed. The timeout only guards
-    against a hang.
+    solved in 67k-82k steps (gradient) and 67k-75k (data), seeds drawn by run_seeds. Data mode can still
+    fall into a collapse and climb out of it (seen once in this suite's history at over 300k steps, against
+    70k-101k in five repeats of seed 1), so the budget is 800k, about 35 s at data mode's speed. The timeout
+    only guards against a hang.
     """
     match = run_cli("--workers", "1", "--mode", mode, "--seed", "1", "--max-steps", "800000",
                     "--save", str(tmp_path / "model.pth"), timeout=150)
@@ -1444,6 +1444,34 @@ def test_short_pong_run_exits_cleanly(mode, flags, tmp_path):
     checkpoint = a3c.load_checkpoint(str(tmp_path / "pong.pth"))
     assert checkpoint["obs_size"] == (1 if flags else FRAME_STACK, 105, 80) and checkpoint["n_actions"] == 6
     assert checkpoint["lstm"] == bool(flags)
+
+
+class MarkResets(gym.Wrapper):
+    """Notes each reset in a list that the observations the policy sees are also written to."""
+
+    def __init__(self, env, seen):
+        super().__init__(env)
+        self.seen = seen
+
+    def reset(self, **kwargs):
+        self.seen.append(None)
+        return self.env.reset(**kwargs)
+
+
+def test_evaluation_on_a_deterministic_atari_env_does_not_replay_one_game(tmp_path, monkeypatch, capsys):
+    """Without sticky actions the emulator replays the same game from every reset whatever the seed, and an argmax
+    policy with it: each --eval episode starts with its own number of no-ops, so the policy's first screens of
+    three episodes are not one screen three times. Envs whose seed already varies the start get none."""
+    assert a3c.plays_one_game(a3c.make_env("PongNoFrameskip-v4"))
+    assert not any(a3c.plays_one_game(a3c.make_env(env_id)) for env_id in ("ALE/Pong-v5", "CartPole-v1"))
+    path = tmp_path / "pong.pth"
+    save_small_checkpoint(path, env="PongNoFrameskip-v4", model=a3c.ActorCritic((4, 105, 80), 6, 16))
+    seen, make_env, observation_batch = [], a3c.make_env, a3c.observation_batch
+    monkeypatch.setattr(a3c, "make_env", lambda *args, **kwargs: MarkResets(make_env(*args, **kwargs), seen))
+    monkeypatch.setattr(a3c, "observation_batch", lambda obs: seen.append(obs[0].copy()) or observation_batch(obs))
+    assert a3c.main(["--eval", str(path), "--episodes", "3"]) == 0
+    firsts = [seen[i + 1] for i in range(len(seen) - 1) if seen[i] is None and seen[i + 1] is not None]
+    assert len(firsts) == 3 and len({first.tobytes() for first in firsts}) > 1
 
 
 # --- MuJoCo -------------------------------------------------------------------------------------------
