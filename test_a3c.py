@@ -1459,9 +1459,10 @@ class MarkResets(gym.Wrapper):
 
 
 def test_evaluation_on_a_deterministic_atari_env_does_not_replay_one_game(tmp_path, monkeypatch, capsys):
-    """Without sticky actions the emulator replays the same game from every reset whatever the seed, and an argmax
-    policy with it: each --eval episode starts with its own number of no-ops, so the policy's first screens of
-    three episodes are not one screen three times. Envs whose seed already varies the start get none."""
+    """Without sticky actions the emulator replays the same game from every reset whatever the seed: each --eval
+    episode starts with its own number of no-ops, so the first screens the policy sees in three episodes are not one
+    screen three times (a policy may still steer them onto one game; the README says so). Envs whose seed already
+    varies the start get none."""
     assert a3c.plays_one_game(a3c.make_env("PongNoFrameskip-v4"))
     assert not any(a3c.plays_one_game(a3c.make_env(env_id)) for env_id in ("ALE/Pong-v5", "CartPole-v1"))
     path = tmp_path / "pong.pth"
