@@ -159,8 +159,7 @@ def make_env(env_id, seed=None, render_mode=None, frame_stack=4):
     if isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1:
         if not (np.isfinite(action_space.low).all() and np.isfinite(action_space.high).all()):
             env.close()
-            raise ValueError(f"{env_id}: action space {action_space} has infinite bounds, which cannot be "
-                             f"scaled to [-1, 1]")
+            raise ValueError(f"{env_id}: action space {action_space} has infinite bounds: no scaling to [-1, 1]")
         box = np.ones(action_space.shape, action_space.dtype)
         env = gym.wrappers.ClipAction(gym.wrappers.RescaleAction(env, -box, box))
     elif not isinstance(action_space, gym.spaces.Discrete):
@@ -441,14 +440,11 @@ def new_model(spaces, args):
 # --- 4. Shared optimizer ---------------------------------------------------------------------------
 
 class SharedAdam(torch.optim.Adam):
-    """torch.optim.Adam whose state lives in shared memory, so that every Hogwild worker updates the same moments.
-
-    Adam where the paper shares RMSProp's statistics: the same idea, one set of statistics for all workers, in
-    the optimizer torch users reach for. It takes Adam's arguments, and step() is stock Adam's, updating the
-    shared tensors in place: with one process it equals torch.optim.Adam to the bit. To reuse it: CPU
-    parameters in shared memory (model.share_memory()); build it, and load_state_dict, before the workers
-    start; a param group added later is not shared.
-    """
+    """torch.optim.Adam whose state lives in shared memory, so that every Hogwild worker updates the same moments:
+    the paper shares RMSProp's statistics, this shares those of the optimizer torch users reach for. It takes Adam's
+    arguments, and step() is stock Adam's, updating the shared tensors in place (with one process it equals
+    torch.optim.Adam to the bit). To reuse it: CPU parameters in shared memory (model.share_memory()); build it,
+    and load_state_dict, before the workers start; a param group added later is not shared."""
 
     def __init__(self, params, *args, **kwargs):
         super().__init__(params, *args, **kwargs)
@@ -468,10 +464,8 @@ class SharedAdam(torch.optim.Adam):
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.tensor(0.0)  # a tensor, as current Adam keeps it, and so sharable
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    if group["amsgrad"]:
-                        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    for name in ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else []):
+                        state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 for tensor in state.values():
                     tensor.share_memory_()
         return self
@@ -742,13 +736,12 @@ class Learner:
         self.batch = []  # messages (rank, index, version, rollouts) not learned from yet
 
     def receive(self, message):
-        """Take a worker's message; once the batch is full, learn: returns the update's statistics, else None."""
+        """Take a worker's message; once --batch-buffers have come, one gradient step on them under the current
+        weights, and their buffers go back to the workers: returns the update's statistics, else None. No off-policy
+        correction: actions from weights a few updates old count as on-policy (V-trace would fix it)."""
         self.batch.append(message)
-        return self.learn() if len(self.batch) == self.batch_size else None
-
-    def learn(self):
-        """One gradient step on the batch under the current weights; then its buffers go back to the workers. No
-        off-policy correction: actions from weights a few updates old count as on-policy (V-trace would fix it)."""
+        if len(self.batch) < self.batch_size:
+            return None
         args = self.args
         batch = [(self.buffers[rank][index], rollouts) for rank, index, _, rollouts in self.batch]
         loss, update = rollout_loss(self.shared_model, batch, args.gamma, args.value_coef, args.entropy_coef,
@@ -768,12 +761,6 @@ class Learner:
 
 # --- 9. Processes: start, signals, liveness, stop -------------------------------------------------
 
-def start_method():
-    """fork on Linux (a worker starts with torch imported; safe, as the main process has no thread yet when the
-    workers start), spawn elsewhere: chosen explicitly, since Python 3.14 made forkserver Linux's default."""
-    return mp.get_context("fork" if sys.platform == "linux" else "spawn")
-
-
 def keep_freed_memory():
     """Ask glibc to keep the memory torch frees for reuse: each update allocates and frees the same large
     temporaries, which glibc would otherwise unmap and map again as fresh zeroed pages. Linux only."""
@@ -783,13 +770,10 @@ def keep_freed_memory():
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: and up to 1 GB of freed heap stays with the process
 
 
-SHARED_MEMORY = "/dev/shm"  # where torch's shared tensors live on Linux
-
-
 def shared_memory_free():
-    """Bytes free in SHARED_MEMORY, or None where there is no such file system (not Linux)."""
+    """Bytes free in /dev/shm, where torch's shared tensors live on Linux, or None where there is none."""
     with contextlib.suppress(OSError):
-        stat = os.statvfs(SHARED_MEMORY)
+        stat = os.statvfs("/dev/shm")
         return stat.f_bavail * stat.f_frsize
     return None
 
@@ -799,8 +783,8 @@ def require_shared_memory(needed):
     would fail halfway with a traceback. A container's is often small (Docker's default: 64 MB)."""
     free = shared_memory_free()
     require(free is None or needed <= free, f"data mode's rollout buffers need {needed / 2**20:.1f} MiB of shared "
-            f"memory and {SHARED_MEMORY} has {(free or 0) / 2**20:.1f} MiB free: lower --workers, --envs-per-worker "
-            f"or --n-steps, or enlarge {SHARED_MEMORY} (docker run --shm-size)")
+            f"memory and /dev/shm has {(free or 0) / 2**20:.1f} MiB free: lower --workers, --envs-per-worker "
+            f"or --n-steps, or enlarge /dev/shm (docker run --shm-size)")
 
 
 DIVERGED = 3  # a worker's exit code when its loss stopped being finite
@@ -913,10 +897,9 @@ class Workers:
                 raise Stop(f"worker {rank} was killed by {signal.Signals(-process.exitcode).name}", 1)
             if process.exitcode not in (None, 0):
                 raise Stop(f"worker {rank} failed with exit code {process.exitcode} (its traceback is above)", 1)
-        try:
+        with contextlib.suppress(queue.Empty):
             return self.messages.get(timeout=timeout)
-        except queue.Empty:
-            return None
+        return None
 
     def stop(self):
         self.stop_event.set()
@@ -929,11 +912,9 @@ def stop_processes(processes, queues):
     deadline = time.monotonic() + 5
     while any(p.is_alive() for p in processes) and time.monotonic() < deadline:
         for q in queues:  # a child blocked on a full queue, or flushing one, exits once it is drained
-            try:
+            with contextlib.suppress(queue.Empty):
                 while True:
                     q.get_nowait()
-            except queue.Empty:
-                pass
         for p in processes:
             p.join(timeout=0.05)
     for p in processes:
@@ -998,8 +979,7 @@ def load_checkpoint(path):
 
 def checkpoint_spaces(checkpoint):
     """What the checkpoint's model was built for, as env_spaces gives it for an env."""
-    return {"obs_size": checkpoint["obs_size"], "n_actions": checkpoint["n_actions"],
-            "continuous": checkpoint["continuous"]}
+    return {key: checkpoint[key] for key in ("obs_size", "n_actions", "continuous")}
 
 
 # --- 11. Monitor and training loop -----------------------------------------------------------------
@@ -1018,10 +998,11 @@ class Monitor:
     """Episode statistics, progress lines, the episode CSV, TensorBoard and the stop criteria, in both modes; the
     main process alone writes the CSV and the event files."""
 
-    def __init__(self, args, steps=0, episodes=0, recent_returns=()):
+    def __init__(self, args, checkpoint=None):
         self.args = args
-        self.recent = deque(recent_returns, maxlen=100)
-        self.episodes, self.start_steps, self.last_steps = episodes, steps, steps
+        self.recent = deque(checkpoint["recent_returns"] if checkpoint else (), maxlen=100)
+        self.episodes = checkpoint["episodes"] if checkpoint else 0
+        self.start_steps = self.last_steps = checkpoint["steps"] if checkpoint else 0
         self.start = self.last_print = time.perf_counter()
         self.updates = {name: [] for name in UPDATE_TAGS}  # each statistic's values since the last line
         self.writer = None  # opened by open_tensorboard, once the workers run
@@ -1096,10 +1077,9 @@ class Monitor:
                 "steps_per_second": (steps - self.start_steps) / elapsed, "mean_return": self.mean_return()}
 
     def close(self):
-        if self.csv_file is not None:
-            self.csv_file.close()
-        if self.writer is not None:
-            self.writer.close()
+        for output in (self.csv_file, self.writer):
+            if output is not None:
+                output.close()
 
 
 def updates_applied(optimizer):
@@ -1119,11 +1099,10 @@ def train(args, checkpoint=None):
     shared_model = new_model(env_spaces(env), args)
     env.close()
     shared_model.share_memory()
-    ctx = start_method()
-    counters = {"steps": 0, "episodes": 0, "recent_returns": []}
-    if checkpoint is not None:
-        counters = {key: checkpoint[key] for key in counters}
-    step_counter = StepCounter(ctx, args.workers, counters["steps"])
+    # fork on Linux (a worker starts with torch imported; safe, as this process has no thread yet when the workers
+    # start), spawn elsewhere: chosen explicitly, since Python 3.14 made forkserver Linux's default
+    ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+    step_counter = StepCounter(ctx, args.workers, start=checkpoint["steps"] if checkpoint else 0)
     if args.mode == "gradient":  # the workers learn, each through the shared Adam
         optimizer = SharedAdam(shared_model.parameters(), lr=args.lr, fused=True)  # fused: one kernel for all
         worker, worker_args = gradient_worker, [(shared_model, optimizer, step_counter)] * args.workers
@@ -1135,7 +1114,7 @@ def train(args, checkpoint=None):
     if checkpoint is not None:
         shared_model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])  # the rate is set again at every update
-    monitor = Monitor(args, **counters)
+    monitor = Monitor(args, checkpoint)
     workers = Workers(ctx, args, worker, worker_args, step_counter)
     updates_before = updates_applied(optimizer)
 
@@ -1295,21 +1274,18 @@ def prepare(args, checkpoint=None):
     checkpoint that --eval or --resume names (--env, --hidden, the MODEL_FLAGS, --frame-stack, --reward-scale,
     --target-return)."""
     path = args.eval or args.resume
-    if checkpoint is not None:
-        require(args.env in (None, checkpoint["env"]),
-                f"checkpoint {path} was made for {checkpoint['env']}, not {args.env}")
-        require(args.hidden in (None, checkpoint["hidden"]),
-                f"checkpoint {path} has --hidden {checkpoint['hidden']}, not {args.hidden}")
-        for flag in MODEL_FLAGS:  # the checkpoint's, which a flag cannot add to a trained model
+    if checkpoint is not None:  # the model's shape is the checkpoint's: a flag may repeat it, not change it
+        shape = {"env": checkpoint["env"], "hidden": checkpoint["hidden"]}
+        if not isinstance(checkpoint["obs_size"], int):  # frames: the stack's depth is the model's input width
+            shape["frame_stack"] = checkpoint["obs_size"][0]
+        for name, value in shape.items():
+            require(getattr(args, name) in (None, value),
+                    f"checkpoint {path} has --{name.replace('_', '-')} {value}, not {getattr(args, name)}")
+            setattr(args, name, value)
+        for flag in MODEL_FLAGS:  # on/off: a flag cannot add to a trained model what it was trained without
             require(checkpoint[flag] or not getattr(args, flag),
                     f"checkpoint {path} was trained without --{flag.replace('_', '-')}")
             setattr(args, flag, checkpoint[flag])
-        args.env, args.hidden = checkpoint["env"], checkpoint["hidden"]
-        if not isinstance(checkpoint["obs_size"], int):  # frames: the stack's depth is the model's input width
-            frames = checkpoint["obs_size"][0]
-            require(args.frame_stack in (None, frames),
-                    f"checkpoint {path} has --frame-stack {frames}, not {args.frame_stack}")
-            args.frame_stack = frames
     require(not (args.lstm and args.separate_critic),
             "--lstm and --separate-critic exclude each other: the critic's own torso would have no memory")
     args.env = args.env or "CartPole-v1"

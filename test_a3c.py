@@ -1590,7 +1590,7 @@ def test_bad_flag_is_one_line_and_exit_2(flags, message, capsys):
     (["--eval", "missing.pth"], "no such file"),
     (["--resume", "not_a_checkpoint.pth"], "not readable as an a3c.py checkpoint"),
     (["--save", "no/such/folder/model.pth"], "cannot write in"),
-    (["--eval", "cartpole.pth", "--env", "Acrobot-v1"], "was made for CartPole-v1, not Acrobot-v1"),
+    (["--eval", "cartpole.pth", "--env", "Acrobot-v1"], "has --env CartPole-v1, not Acrobot-v1"),
     (["--resume", "cartpole.pth", "--hidden", "32"], "has --hidden 16, not 32"),
     (["--video", "videos"], "--video records --eval episodes"),
     (["--eval", "cartpole.pth", "--video", "videos", "--render"], "--video and --render exclude each other"),
